@@ -1,0 +1,94 @@
+"""Model-side HIVTP shared by the LLaVA families: score, select, gather.
+
+The vision tower runs once, as in stock vLLM; while it runs, the middle
+band's attention modules are listened to for scores (hivtp_vllm.scoring).
+Selection is the pure spec code (hivtp_vllm.pruning), batched over the images
+that share a grid and a budget.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from vllm.distributed import tensor_model_parallel_all_reduce
+from vllm.logger import init_logger
+
+from hivtp_vllm import params
+from hivtp_vllm.pruning import default_band, select_tokens_batched
+from hivtp_vllm.scoring import ReceivedAttention, check_band
+
+logger = init_logger(__name__)
+
+
+def build_recorder(
+    vision_model: nn.Module, num_layers_total: int, server: params.ServerOptions
+) -> ReceivedAttention:
+    """Listen to the band's attention in vLLM's CLIP tower.
+
+    ``vision_model`` is vLLM's ``CLIPVisionTransformer``; its encoder may stop
+    before the last layer (LLaVA uses the second-to-last), and the band must
+    lie inside the layers it runs. Band defaults follow the encoder's full
+    depth (``num_layers_total``), as the spec says.
+    """
+    layers = vision_model.encoder.layers
+    start, count = default_band(num_layers_total)
+    if server.layer_start is not None:
+        start = server.layer_start
+    if server.num_layers is not None:
+        count = server.num_layers
+    try:
+        check_band(start, count, len(layers))
+    except ValueError as exc:
+        raise ValueError(f"hivtp: bad server option in --mm-processor-kwargs: {exc}") from exc
+    attention = [layers[i].self_attn for i in range(start, start + count)]
+    first = attention[0]
+    local_heads = first.num_heads_per_partition
+    sharded = local_heads != first.num_heads
+    logger.info(
+        "hivtp: scoring from vision layers [%d, %d) of %d run, %d/%d heads per worker",
+        start,
+        start + count,
+        len(layers),
+        local_heads,
+        first.num_heads,
+    )
+    return ReceivedAttention(
+        [a.attn for a in attention],
+        num_heads=local_heads,
+        total_heads=first.num_heads,
+        scale=first.scale,
+        # Each tensor-parallel worker holds a slice of the heads; the score is
+        # a mean over all heads, so the partial sums are added across workers
+        # and every worker ends with the same scores and selection.
+        reduce=tensor_model_parallel_all_reduce if sharded else None,
+    )
+
+
+def select_per_image(
+    scores: torch.Tensor,
+    grid: tuple[int, int],
+    num_keep: list[int],
+    fractions: list[float],
+    regions: tuple[int, int],
+) -> list[torch.Tensor]:
+    """Kept flat indices for each image (``scores`` is ``[B, H*W]``).
+
+    Images are grouped by (K, global fraction) so each group is one batched
+    selection call; the loop runs over distinct budgets, not over images.
+    """
+    height, width = grid
+    kept: list[torch.Tensor | None] = [None] * scores.shape[0]
+    groups: dict[tuple[int, float], list[int]] = {}
+    for i, key in enumerate(zip(num_keep, fractions, strict=True)):
+        groups.setdefault(key, []).append(i)
+    for (k, fraction), rows in groups.items():
+        index = torch.tensor(rows, device=scores.device)
+        picked = select_tokens_batched(
+            scores[index].reshape(len(rows), height, width),
+            k,
+            regions=regions,
+            global_fraction=fraction,
+        )
+        for row, indices in zip(rows, picked, strict=True):
+            kept[row] = indices
+    return kept  # type: ignore[return-value]

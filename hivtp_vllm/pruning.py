@@ -1,0 +1,211 @@
+"""HIVTP token counts and exact-budget hierarchical selection (torch only).
+
+This module is the specification (docs/algorithm.md, shared hivtp-spec.md)
+turned into code. It imports nothing from vLLM so it can be read, tested and
+reused on its own: the multimodal processor calls :func:`num_retained` to
+reserve exactly the right number of placeholder tokens before any image is
+encoded, and the model calls :func:`select_tokens` (or the batched
+:func:`select_tokens_batched`) to pick exactly that many.
+
+All ranking is done on integer ranks ("higher score first, lower flat index
+first on ties"), computed once with a stable sort. That makes every later
+comparison exact and tie-free, which is what lets two implementations of the
+spec agree token for token.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+__all__ = [
+    "default_band",
+    "num_retained",
+    "check_num_tokens",
+    "window_size",
+    "region_quotas",
+    "select_tokens",
+    "select_tokens_batched",
+]
+
+
+def default_band(num_layers: int) -> tuple[int, int]:
+    """Return the middle band ``(m, q)`` of layers that scores are read from.
+
+    ``m = floor(L/4 + 1/2)`` and ``q = max(1, floor(L/8 + 1/2))``, written in
+    integer arithmetic so no float rounding can move a boundary. For CLIP-L
+    (24 layers) this is ``(6, 3)``, the layers the authors' code uses.
+    """
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    return (num_layers + 2) // 4, max(1, (num_layers + 4) // 8)
+
+
+def num_retained(num_tokens: int, retain_ratio: float) -> int:
+    """Number of tokens kept out of ``num_tokens`` at ``retain_ratio``.
+
+    ``K = max(1, min(N, floor(r * N + 0.5)))``: round half up, never zero
+    (an image always leaves a trace) and never more than N.
+    """
+    if num_tokens < 1:
+        raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+    if not (isinstance(retain_ratio, (int, float)) and 0.0 < retain_ratio <= 1.0):
+        raise ValueError(f"retain_ratio must be in (0, 1], got {retain_ratio!r}")
+    return max(1, min(num_tokens, math.floor(retain_ratio * num_tokens + 0.5)))
+
+
+def check_num_tokens(num_tokens: int, num_keep: int) -> int:
+    """Validate an absolute budget ``1 <= k <= N`` and return it."""
+    if not 1 <= num_keep <= num_tokens:
+        raise ValueError(f"num_keep must be in [1, {num_tokens}], got {num_keep}")
+    return num_keep
+
+
+def window_size(height: int, width: int, num_local: int) -> int:
+    """Largest window side ``w`` with ``ceil(H/w) * ceil(W/w) >= num_local``.
+
+    The window count only falls as ``w`` grows, so the first ``w`` from the
+    top that has enough windows is the answer; this loop is over candidate
+    sizes (at most ``max(H, W)``), never over tokens.
+    """
+    for w in range(max(height, width), 0, -1):
+        if (-(-height // w)) * (-(-width // w)) >= num_local:
+            return w
+    return 1
+
+
+def _bands(size: int, parts: int) -> torch.Tensor:
+    """Band index of each of ``size`` rows: boundaries ``floor(i*size/parts)``."""
+    idx = torch.arange(size)
+    # Row x lies in band i iff floor(i*S/P) <= x < floor((i+1)*S/P), which is
+    # the count of boundaries i >= 1 that are <= x.
+    bounds = (torch.arange(1, parts) * size) // parts
+    return (idx[:, None] >= bounds[None, :]).sum(dim=1)
+
+
+def region_quotas(
+    height: int, width: int, num_global: int, regions: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Region of each flat token and the global-stage quota of each region.
+
+    Quotas are the largest-remainder apportionment of ``K_g`` over regions in
+    proportion to their sizes, ties going to the lower region (row-major).
+    Returns ``(region_of_token [N], quota [Rh*Rw])``.
+    """
+    rh, rw = regions
+    n = height * width
+    region = (_bands(height, rh)[:, None] * rw + _bands(width, rw)[None, :]).reshape(-1)
+    sizes = torch.bincount(region, minlength=rh * rw)
+    scaled = num_global * sizes
+    quota = scaled // n
+    left = num_global - int(quota.sum())
+    if left > 0:
+        # Stable descending sort on the remainder: equal remainders keep
+        # region order, which is the spec's tie rule.
+        order = torch.sort(scaled % n, descending=True, stable=True).indices
+        quota[order[:left]] += 1
+    return region, quota
+
+
+def _ranks(scores: torch.Tensor) -> torch.Tensor:
+    """Rank of each token per row: 0 is best (highest score, then lowest index)."""
+    # float64 stays float64 so no two distinct scores collapse into a tie.
+    flat = scores if scores.dtype == torch.float64 else scores.float()
+    flat = flat.nan_to_num(nan=-math.inf)
+    order = torch.sort(flat, dim=1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(flat.shape[1], device=flat.device).expand_as(order))
+    return ranks
+
+
+def _check_params(
+    height: int, width: int, num_keep: int, regions: Sequence[int], global_fraction: float
+) -> tuple[int, int]:
+    check_num_tokens(height * width, num_keep)
+    if len(regions) != 2 or min(regions) < 1:
+        raise ValueError(f"regions must be two integers >= 1, got {tuple(regions)!r}")
+    if not 0.0 <= global_fraction <= 1.0:
+        raise ValueError(f"global_fraction must be in [0, 1], got {global_fraction!r}")
+    return int(regions[0]), int(regions[1])
+
+
+def select_tokens_batched(
+    scores: torch.Tensor,
+    num_keep: int,
+    *,
+    regions: Sequence[int] = (2, 2),
+    global_fraction: float = 0.5,
+) -> torch.Tensor:
+    """HIVTP selection for ``B`` images that share a grid and a budget.
+
+    ``scores`` is ``[B, H, W]``; returns ``LongTensor [B, num_keep]`` of
+    ascending flat indices (raster order). Every step is a tensor operation
+    over the whole batch: one stable sort for the ranks, one sort for the
+    per-region best tokens, one ``scatter_reduce`` for the window winners and
+    one ``topk`` for the local pick.
+    """
+    if scores.dim() != 3:
+        raise ValueError(f"scores must be [B, H, W], got shape {tuple(scores.shape)}")
+    b, h, w = scores.shape
+    n = h * w
+    regions = _check_params(h, w, num_keep, regions, global_fraction)
+    device = scores.device
+    if num_keep == n:
+        return torch.arange(n, device=device).expand(b, n).clone()
+
+    ranks = _ranks(scores.reshape(b, n))
+    num_global = math.floor(global_fraction * num_keep)
+    num_local = num_keep - num_global
+
+    # Global stage: in each region, the quota's best-ranked tokens.
+    region, quota = region_quotas(h, w, num_global, regions)
+    region, quota = region.to(device), quota.to(device)
+    sorted_key, order = torch.sort(region[None, :] * n + ranks, dim=1)
+    sorted_region = sorted_key // n
+    starts = torch.cumsum(torch.bincount(region, minlength=quota.numel()), 0)
+    starts = starts - torch.bincount(region, minlength=quota.numel())
+    pos_in_region = torch.arange(n, device=device)[None, :] - starts[sorted_region]
+    kept = torch.zeros(b, n, dtype=torch.bool, device=device)
+    kept.scatter_(1, order, pos_in_region < quota[sorted_region])
+
+    if num_local > 0:
+        # Local stage: one winner per window among the candidates, then the
+        # best winners; short of winners, the best remaining candidates.
+        side = window_size(h, w, num_local)
+        cols = -(-w // side)
+        rows_idx = torch.arange(h, device=device) // side
+        cols_idx = torch.arange(w, device=device) // side
+        window = (rows_idx[:, None] * cols + cols_idx[None, :]).reshape(-1)
+        num_windows = (-(-h // side)) * cols
+        cand_rank = torch.where(kept, n, ranks)
+        best = torch.full((b, num_windows), n, dtype=ranks.dtype, device=device)
+        best.scatter_reduce_(1, window.expand(b, n), cand_rank, reduce="amin")
+        winner = (~kept) & (cand_rank == best.gather(1, window.expand(b, n)))
+        # One key orders everything: winners by rank, then other candidates
+        # by rank, then the tokens already kept (never picked here).
+        key = ranks + n * (~winner).long() + 2 * n * kept.long()
+        local = torch.topk(key, num_local, dim=1, largest=False).indices
+        kept.scatter_(1, local, True)
+
+    return kept.nonzero()[:, 1].reshape(b, num_keep)
+
+
+def select_tokens(
+    scores: torch.Tensor,
+    num_keep: int,
+    *,
+    regions: Sequence[int] = (2, 2),
+    global_fraction: float = 0.5,
+) -> torch.Tensor:
+    """HIVTP selection for one image.
+
+    ``scores`` is a float tensor ``[H, W]``; returns ``LongTensor [num_keep]``
+    with the kept flat indices (``row * W + col``) in ascending order.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be [H, W], got shape {tuple(scores.shape)}")
+    return select_tokens_batched(
+        scores[None], num_keep, regions=regions, global_fraction=global_fraction
+    )[0]

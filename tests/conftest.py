@@ -1,0 +1,36 @@
+"""Shared fixtures: random-weight checkpoints and real vLLM servers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.server import VllmServer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random LLaVA-1.5 checkpoint in the real hub layout (336 px, 24x24)."""
+    from hivtp_vllm.checkpoints import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-llava", size="tiny")
+
+
+@pytest.fixture(scope="session")
+def server_factory():
+    """Start real ``vllm.entrypoints.openai.api_server`` subprocesses; stop them at the end."""
+    started: list[VllmServer] = []
+
+    def start(model: Path, *args: str, plugin: bool = True) -> VllmServer:
+        server = VllmServer(model, list(args), plugin=plugin)
+        started.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

@@ -1,0 +1,131 @@
+"""A real vLLM OpenAI server in a subprocess, and a small client for it."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+from PIL import Image
+
+# The CPU backend otherwise reserves a fraction of the machine's memory for
+# the KV cache; a fixed size keeps several test servers side by side.
+SERVER_ARGS = ["--enforce-eager", "--max-model-len", "4096", "--kv-cache-memory-bytes", "536870912"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def image_data_url(seed: int, width: int = 336, height: int = 336) -> str:
+    """A random-noise PNG as a data URL (no network, deterministic)."""
+    rng = np.random.default_rng(seed)
+    pixels = (rng.random((height, width, 3)) * 255).astype("uint8")
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+class VllmServer:
+    """Starts ``python -m vllm.entrypoints.openai.api_server`` on a free port.
+
+    ``plugin=False`` gives stock vLLM: ``VLLM_PLUGINS`` names no installed
+    plugin, so vLLM loads none of them.
+    """
+
+    def __init__(self, model: Path, args: list[str], *, plugin: bool = True) -> None:
+        self.model = str(model)
+        self.args = args
+        self.plugin = plugin
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile(
+            "w+", prefix=f"vllm-{self.port}-", suffix=".log", delete=False
+        )
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 300.0) -> None:
+        env = dict(os.environ, HF_HUB_OFFLINE="1")
+        if not self.plugin:
+            env["VLLM_PLUGINS"] = "none-stock-vllm"
+        cmd = [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            self.model,
+            "--port",
+            str(self.port),
+            *SERVER_ARGS,
+            *self.args,
+        ]
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vLLM server exited early:\n{self.tail()}")
+            try:
+                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(1.0)
+        self.stop()
+        raise TimeoutError(f"vLLM server not healthy after {timeout}s:\n{self.tail()}")
+
+    def tail(self, lines: int = 60) -> str:
+        return "".join(Path(self.log.name).read_text().splitlines(True)[-lines:])
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    # -- client ----------------------------------------------------------
+    def chat(
+        self,
+        images: list[str],
+        mm_kwargs: dict | None = None,
+        *,
+        text: str = "Describe the picture.",
+        max_tokens: int = 8,
+        **extra: object,
+    ) -> requests.Response:
+        content = [{"type": "image_url", "image_url": {"url": u}} for u in images]
+        content.append({"type": "text", "text": text})
+        body: dict = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            **extra,
+        }
+        if mm_kwargs is not None:
+            body["mm_processor_kwargs"] = mm_kwargs
+        return requests.post(self.url + "/v1/chat/completions", json=body, timeout=300)
+
+    def completion(self, prompt: str, mm_kwargs: dict | None = None, **extra) -> requests.Response:
+        body: dict = {"model": self.model, "prompt": prompt, "max_tokens": 4, **extra}
+        if mm_kwargs is not None:
+            body["mm_processor_kwargs"] = mm_kwargs
+        return requests.post(self.url + "/v1/completions", json=body, timeout=300)

@@ -1,0 +1,125 @@
+"""The vLLM model itself: scores from vLLM's CLIP tower and the kept embeddings.
+
+A real vLLM engine (in-process, float32) loads the tiny checkpoint; the test
+runs functions on the loaded model with ``LLM.apply_model`` and compares with
+transformers' ``CLIPVisionModel(output_attentions=True)`` on the same weights.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from hivtp_vllm.pruning import default_band, select_tokens
+
+pytestmark = pytest.mark.server
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llava):
+    saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # apply_model in this process
+    from vllm import LLM
+
+    engine = LLM(
+        model=str(tiny_llava),
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=2048,
+        kv_cache_memory_bytes=1 << 28,
+    )
+    yield engine
+    del engine
+    if saved is None:
+        os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    else:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved
+
+
+@pytest.fixture(scope="module")
+def pixel_values() -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(3, 3, 336, 336, generator=gen)
+
+
+def transformers_scores(checkpoint, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The spec's score, computed independently from transformers' attentions."""
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(
+        checkpoint, dtype=torch.float32, attn_implementation="eager"
+    )
+    tower = model.model.vision_tower
+    with torch.no_grad():
+        out = tower(pixel_values, output_attentions=True)
+    start, count = default_band(tower.config.num_hidden_layers)
+    band = torch.stack(out.attentions[start : start + count])  # [q, B, heads, S, S]
+    return band.mean(dim=(0, 2, 3))[:, 1:]  # over layers, heads, queries; drop CLS
+
+
+def test_scores_match_transformers(llm, tiny_llava, pixel_values):
+    def scores_in_vllm(model):
+        pv = pixel_values.to(model.vision_tower.dtype)
+        with model.hivtp_recorder.recording(torch.arange(len(pv))):
+            model._process_image_pixels({"type": "pixel_values", "pixel_values": pv})
+        return model.hivtp_recorder.patch_scores().cpu()
+
+    (ours,) = llm.apply_model(scores_in_vllm)
+    expected = transformers_scores(tiny_llava, pixel_values)
+    assert ours.shape == (3, 576)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-7)
+    # Scores are attention mass: the patches' share of every query's unit sum.
+    assert torch.all(ours > 0)
+
+
+def test_kept_embeddings_are_the_unpruned_ones(llm, pixel_values):
+    num_keep = torch.tensor([288, 576, 64])
+    fractions = torch.tensor([0.5, 0.5, 0.25], dtype=torch.float64)
+
+    def run(model):
+        pv = pixel_values.to(model.vision_tower.dtype)
+        stock = model.embed_multimodal(pixel_values=pv)
+        pruned = model.embed_multimodal(
+            pixel_values=pv, hivtp_num_keep=num_keep, hivtp_global_fraction=fractions
+        )
+        rows = torch.tensor([0, 2])
+        with model.hivtp_recorder.recording(rows):
+            model._process_image_pixels({"type": "pixel_values", "pixel_values": pv})
+        return stock.cpu(), [p.cpu() for p in pruned], model.hivtp_recorder.patch_scores().cpu()
+
+    ((stock, pruned, scores),) = llm.apply_model(run)
+    assert [p.shape[0] for p in pruned] == [288, 576, 64]
+    # K = N takes the stock path: the very same embeddings.
+    assert torch.equal(pruned[1], stock[1])
+    for out_row, score_row, k, fraction in ((0, 0, 288, 0.5), (2, 1, 64, 0.25)):
+        kept = select_tokens(scores[score_row].reshape(24, 24), k, global_fraction=fraction)
+        assert torch.equal(pruned[out_row], stock[out_row][kept])
+        # A different selection would give different rows: the check can fail.
+        top = torch.topk(scores[score_row], k).indices.sort().values
+        if not torch.equal(top, kept):
+            assert not torch.equal(pruned[out_row], stock[out_row][top])
+
+
+def test_all_kept_is_stock_and_computes_no_scores(llm, pixel_values):
+    def run(model):
+        pv = pixel_values.to(model.vision_tower.dtype)
+        calls = []
+        handle = model.hivtp_recorder.modules[0].register_forward_pre_hook(
+            lambda *_: calls.append(1)
+        )
+        try:
+            stock = model.embed_multimodal(pixel_values=pv)
+            model.hivtp_recorder._sum = None
+            full = model.embed_multimodal(
+                pixel_values=pv,
+                hivtp_num_keep=torch.tensor([576] * 3),
+                hivtp_global_fraction=torch.tensor([0.5] * 3, dtype=torch.float64),
+            )
+        finally:
+            handle.remove()
+        return torch.equal(stock, torch.stack(list(full))), model.hivtp_recorder._sum, len(calls)
+
+    ((same, recorded, calls),) = llm.apply_model(run)
+    assert same and recorded is None and calls == 2  # the tower ran twice, unobserved
