@@ -21,14 +21,14 @@ CLI: ``make-model OUT_DIR --size tiny|bench --arch llava|llava-next
 from __future__ import annotations
 
 import argparse
-import builtins
+import importlib
 import inspect
-from collections.abc import Mapping
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
@@ -47,6 +47,7 @@ from transformers import (
     PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
+    ProcessorMixin,
 )
 
 __all__ = ["SIZES", "ARCHS", "make_checkpoint", "flops_per_image", "main"]
@@ -56,6 +57,16 @@ IMAGE_TOKEN = "<image>"
 BOS, EOS, UNK, PAD = "<s>", "</s>", "<unk>", "<pad>"
 # 4094 trained tokens + <image> + <pad> = 4096, like llava-hf's 32000 + 2.
 BPE_VOCAB = 4094
+CORPUS_MODULES = (
+    "builtins",
+    "argparse",
+    "collections",
+    "functools",
+    "inspect",
+    "json",
+    "pathlib",
+    "re",
+)
 
 # LLaVA-1.5 prompt format ("USER: <image>\n... ASSISTANT:"). It loops over
 # message['content'], which is what makes vLLM detect the "openai" content
@@ -110,6 +121,22 @@ SIZES: dict[str, dict[str, dict[str, int]]] = {
             "num_hidden_layers": 8,
         },
     },
+    # CLIP-L/14 as in LLaVA-1.5-7B with a tiny LM: for measuring the vision
+    # tower at full size (its weights file is about 1.2 GB).
+    "clip-l": {
+        "vision": {
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_attention_heads": 16,
+            "num_hidden_layers": 24,
+        },
+        "text": {
+            "hidden_size": 128,
+            "intermediate_size": 352,
+            "num_attention_heads": 4,
+            "num_hidden_layers": 2,
+        },
+    },
 }
 
 
@@ -152,20 +179,13 @@ HUB_PREFIXES: tuple[tuple[str, str], ...] = (
 
 
 def _corpus() -> list[str]:
-    """English-ish training text that ships with Python: builtin docstrings.
+    """English-ish training text that ships with Python: stdlib docstrings.
 
     Deterministic for a given interpreter and needs no download; a few
     hundred KB is plenty for a 4k-token BPE.
     """
-    import argparse as a
-    import collections as c
-    import functools as f
-    import json as j
-    import pathlib as p
-    import re as r
-
     texts = []
-    for mod in (builtins, a, c, f, j, p, r, inspect):
+    for mod in map(importlib.import_module, CORPUS_MODULES):
         for name in sorted(dir(mod)):
             doc = inspect.getdoc(getattr(mod, name, None))
             if doc:
@@ -211,6 +231,14 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
+def _pinpoints(arch: str, image_size: int) -> dict[str, list[list[int]]]:
+    """``image_grid_pinpoints`` kwarg (config and image processor) for anyres archs."""
+    tiles = ARCHS[arch].grid_tiles
+    if not tiles:
+        return {}
+    return {"image_grid_pinpoints": [[r * image_size, c * image_size] for r, c in tiles]}
+
+
 def build_config(
     arch: str, size: str, image_size: int, tokenizer: PreTrainedTokenizerFast
 ) -> PreTrainedConfig:
@@ -236,11 +264,6 @@ def build_config(
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    extra: dict[str, Any] = {}
-    if spec.grid_tiles:
-        extra["image_grid_pinpoints"] = [
-            [r * image_size, c * image_size] for r, c in spec.grid_tiles
-        ]
     return spec.config_cls(
         vision_config=vision,
         text_config=text,
@@ -250,26 +273,23 @@ def build_config(
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         tie_word_embeddings=False,
-        **extra,
+        **_pinpoints(arch, image_size),
     )
 
 
-def build_processor(arch: str, image_size: int, tokenizer: PreTrainedTokenizerFast):
+def build_processor(
+    arch: str, image_size: int, tokenizer: PreTrainedTokenizerFast
+) -> ProcessorMixin:
     """LlavaProcessor / LlavaNextProcessor that inserts grid**2 tokens per tile.
 
     ``num_additional_image_tokens=1`` (CLIP's CLS) with the "default" strategy
     (drop CLS) gives exactly (image_size / 14)**2 tokens, as llava-hf does.
     """
     spec = ARCHS[arch]
-    extra = {}
-    if spec.grid_tiles:
-        extra["image_grid_pinpoints"] = [
-            [r * image_size, c * image_size] for r, c in spec.grid_tiles
-        ]
     image_processor = spec.image_processor_cls(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
-        **extra,
+        **_pinpoints(arch, image_size),
     )
     return spec.processor_cls(
         image_processor=image_processor,
@@ -333,10 +353,6 @@ def flops_per_image(config: PreTrainedConfig) -> dict[str, int | float]:
     }
 
 
-def _count(params: Mapping[str, torch.Tensor], prefix: str) -> int:
-    return sum(p.numel() for k, p in params.items() if k.startswith(prefix))
-
-
 def make_checkpoint(
     out_dir: str | Path,
     size: str = "tiny",
@@ -362,7 +378,9 @@ def make_checkpoint(
     torch.manual_seed(seed)
     model = ARCHS[arch].model_cls(config).eval()
     # Same metadata as save_pretrained; transformers refuses files without it.
-    save_file(hub_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
+    weights = out / "model.safetensors"
+    save_file(hub_state_dict(model), str(weights), metadata={"format": "pt"})
+    weights.chmod(0o644)  # safetensors writes 0600; keep it readable like the other files
     config.architectures = [ARCHS[arch].model_cls.__name__]
     config.dtype = torch.float32
     config.save_pretrained(out)
@@ -379,16 +397,18 @@ def make_checkpoint(
 
 def summary(out_dir: str | Path) -> str:
     """One line: tower sizes, patch grid, visual tokens and FLOPs per image."""
-    from safetensors.torch import load_file
-
     out = Path(out_dir)
     cfg = AutoConfig.from_pretrained(out)
-    params = load_file(str(out / "model.safetensors"))
+    counts: dict[str, int] = {}
+    with safe_open(str(out / "model.safetensors"), "pt") as st:  # shapes only, no tensors
+        for key in st.keys():
+            top = key.split(".")[0]
+            counts[top] = counts.get(top, 0) + math.prod(st.get_slice(key).get_shape())
     f = flops_per_image(cfg)
     grid = cfg.vision_config.image_size // cfg.vision_config.patch_size
     return (
-        f"{out}: {cfg.model_type} vision {_count(params, 'vision_tower.') / 1e6:.2f}M params "
-        f"LM {_count(params, 'language_model.') / 1e6:.2f}M params, grid {grid}x{grid}, "
+        f"{out}: {cfg.model_type} vision {counts['vision_tower'] / 1e6:.2f}M params "
+        f"LM {counts['language_model'] / 1e6:.2f}M params, grid {grid}x{grid}, "
         f"{f['visual_tokens']} visual tokens/image, GFLOPs/image vision "
         f"{f['vision_flops'] / 1e9:.2f} ({f['vision_layers_run']} layers) "
         f"LM {f['lm_flops'] / 1e9:.2f} ratio {f['lm_to_vision']:.1f}x"

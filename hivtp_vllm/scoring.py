@@ -15,6 +15,7 @@ layers' work: well under 1% of the tower's FLOPs.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -88,18 +89,21 @@ class ReceivedAttention:
         self.reduce = reduce
         self._sum: torch.Tensor | None = None
         self._rows: torch.Tensor | None = None
+        self.seconds = 0.0  # host time spent scoring in the last recording
 
     def _hook(self, module: nn.Module, args: tuple) -> None:
+        start = time.perf_counter()
         query, key = args[0], args[1]
         if self._rows is not None:
             query, key = query[self._rows], key[self._rows]
         part = received_attention(query, key, self.num_heads, self.scale)
         self._sum = part if self._sum is None else self._sum + part
+        self.seconds += time.perf_counter() - start
 
     @contextmanager
     def recording(self, rows: torch.Tensor | None = None) -> Iterator[ReceivedAttention]:
         """Listen to the band's modules for the duration of one tower forward."""
-        self._sum, self._rows = None, rows
+        self._sum, self._rows, self.seconds = None, rows, 0.0
         handles = [m.register_forward_pre_hook(self._hook) for m in self.modules]
         try:
             yield self

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.server import VllmServer
+from hivtp_vllm.local_server import VllmServer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.server import image_data_url
+from hivtp_vllm.local_server import image_data_url
 
 pytestmark = pytest.mark.server
 

@@ -1,9 +1,15 @@
-"""A real vLLM OpenAI server in a subprocess, and a small client for it."""
+"""A local vLLM OpenAI server in a subprocess, and a small client for it.
+
+Used by the tests, the benchmarks and the load-test runner: each needs the
+real server (real HTTP, real engine) started the way the README starts it,
+on a free loopback port, and stopped cleanly.
+"""
 
 from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import signal
 import socket
@@ -18,8 +24,17 @@ import requests
 from PIL import Image
 
 # The CPU backend otherwise reserves a fraction of the machine's memory for
-# the KV cache; a fixed size keeps several test servers side by side.
-SERVER_ARGS = ["--enforce-eager", "--max-model-len", "4096", "--kv-cache-memory-bytes", "536870912"]
+# the KV cache; a fixed size keeps several servers side by side. float32:
+# on AVX2-only CPUs vLLM's bfloat16 matmuls run tens of times slower.
+SERVER_ARGS = [
+    "--dtype",
+    "float32",
+    "--enforce-eager",
+    "--max-model-len",
+    "4096",
+    "--kv-cache-memory-bytes",
+    "536870912",
+]
 
 
 def free_port() -> int:
@@ -129,3 +144,43 @@ class VllmServer:
         if mm_kwargs is not None:
             body["mm_processor_kwargs"] = mm_kwargs
         return requests.post(self.url + "/v1/completions", json=body, timeout=300)
+
+    def timed_stream(
+        self, images: list[str], mm_kwargs: dict | None = None, *, max_tokens: int = 4
+    ) -> dict[str, float]:
+        """One streaming chat request: TTFT (first content chunk), latency, tokens."""
+        content = [{"type": "image_url", "image_url": {"url": u}} for u in images]
+        content.append({"type": "text", "text": "Describe the picture."})
+        body: dict = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if mm_kwargs is not None:
+            body["mm_processor_kwargs"] = mm_kwargs
+        start = time.perf_counter()
+        ttft = None
+        usage: dict = {}
+        with requests.post(
+            self.url + "/v1/chat/completions", json=body, stream=True, timeout=600
+        ) as response:
+            response.raise_for_status()
+            for line in response.iter_lines():
+                if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if ttft is None and any(
+                    c.get("delta", {}).get("content") for c in chunk.get("choices", [])
+                ):
+                    ttft = time.perf_counter() - start
+                usage = chunk.get("usage") or usage
+        latency = time.perf_counter() - start
+        return {
+            "ttft": latency if ttft is None else ttft,
+            "latency": latency,
+            "prompt_tokens": usage.get("prompt_tokens", 0),
+            "completion_tokens": usage.get("completion_tokens", 0),
+        }
