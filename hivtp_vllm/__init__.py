@@ -13,6 +13,9 @@ __version__ = "0.1.0"
 # Architectures we override, and the class that serves each.
 MODELS = {
     "LlavaForConditionalGeneration": "hivtp_vllm.models.llava:HivtpLlavaForConditionalGeneration",
+    "LlavaNextForConditionalGeneration": (
+        "hivtp_vllm.models.llava_next:HivtpLlavaNextForConditionalGeneration"
+    ),
 }
 
 

@@ -12,10 +12,10 @@ No vLLM import: the glue turns :class:`HivtpParamError` into vLLM's HTTP 400.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from hivtp_vllm.pruning import check_num_tokens, num_retained
+from hivtp_vllm.pruning import num_retained, split_budget
 
 __all__ = [
     "PREFIX",
@@ -65,20 +65,30 @@ class PruningRequest:
     num_tokens: int | None = None
     global_fraction: float = DEFAULT_GLOBAL_FRACTION
 
-    def num_keep(self, grid_tokens: int) -> int:
-        """Tokens kept out of an image's ``grid_tokens``; raises on a bad budget."""
+    def view_budgets(self, sizes: Sequence[int]) -> list[int]:
+        """Tokens kept in each view of one image (one view for LLaVA-1.5).
+
+        A ratio applies to every view; a budget is split over the views in
+        proportion to their sizes (:func:`hivtp_vllm.pruning.split_budget`).
+        """
+        total = sum(sizes)
         if self.num_tokens is not None:
-            if self.num_tokens > grid_tokens:
+            low = len(sizes)
+            if not low <= self.num_tokens <= total:
                 raise HivtpParamError(
                     NUM_TOKENS,
-                    f"{NUM_TOKENS}={self.num_tokens} is out of range: this model "
-                    f"gives {grid_tokens} visual tokens per image, so it must be "
-                    f"an integer in [1, {grid_tokens}]",
+                    f"{NUM_TOKENS}={self.num_tokens} is out of range: this image "
+                    f"gives {total} visual tokens, so it must be an integer in "
+                    f"[{low}, {total}]",
                 )
-            return check_num_tokens(grid_tokens, self.num_tokens)
+            return split_budget(self.num_tokens, sizes)
         if self.retain_ratio is None:
-            return grid_tokens
-        return num_retained(grid_tokens, self.retain_ratio)
+            return list(sizes)
+        return [num_retained(n, self.retain_ratio) for n in sizes]
+
+    def num_keep(self, grid_tokens: int) -> int:
+        """Tokens kept out of a single view of ``grid_tokens``."""
+        return self.view_budgets([grid_tokens])[0]
 
     @property
     def prunes(self) -> bool:

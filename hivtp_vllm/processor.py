@@ -1,12 +1,16 @@
-"""vLLM multimodal processor: reserve exactly K placeholder tokens per image.
+"""vLLM multimodal processors: reserve exactly the kept tokens per image.
 
 vLLM lays out the prompt, and so the KV cache, before any image is encoded.
-The processor therefore decides each image's kept count K here, from the
-request's options and the image size alone, writes K placeholders into the
-prompt and hands K to the model in the image's multimodal kwargs
-(``hivtp_num_keep``, ``hivtp_global_fraction``). The model then selects
-exactly K tokens: the count is computed in one place and travels with the
-image, so the two sides cannot disagree.
+The processor therefore decides each image's kept counts here, from the
+request's options and the image size alone, writes that many placeholders
+into the prompt and hands the counts to the model in the image's multimodal
+kwargs (``hivtp_num_keep``: one count per view, ``hivtp_global_fraction``).
+The model then selects exactly those counts: they are computed in one place
+and travel with the image, so the two sides cannot disagree.
+
+A *view* is one grid that HIVTP selects on: LLaVA-1.5 has one (24 x 24);
+LLaVA-NeXT has two, the base view and the stitched high-resolution grid,
+plus one newline embedding per high-resolution row that is always kept.
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ from vllm.model_executor.models.llava import (
     LlavaDummyInputsBuilder,
     LlavaMultiModalProcessor,
     LlavaProcessingInfo,
+)
+from vllm.model_executor.models.llava_next import (
+    LlavaNextMultiModalProcessor,
+    LlavaNextProcessingInfo,
 )
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import (
@@ -50,7 +58,14 @@ def as_client_error(exc: params.HivtpParamError) -> VLLMValidationError:
 
 
 class HivtpInfoMixin:
-    """Server options and per-request resolution, shared by the LLaVA families."""
+    """Server options, per-request resolution and per-image counts.
+
+    Families provide :meth:`hivtp_views`: the token count of each view of an
+    image of a given size, and how many always-kept extra embeddings follow.
+    """
+
+    def hivtp_views(self, *, image_width: int, image_height: int) -> tuple[list[int], int]:
+        raise NotImplementedError
 
     def hivtp_server_options(self) -> params.ServerOptions:
         mm_config = self.ctx.get_mm_config()  # type: ignore[attr-defined]
@@ -70,38 +85,75 @@ class HivtpInfoMixin:
             )
         return request
 
-    def hivtp_num_keep(self, grid_tokens: int, request: params.PruningRequest) -> int:
+    def hivtp_budgets(
+        self, *, image_width: int, image_height: int, request: params.PruningRequest
+    ) -> tuple[list[int], int]:
+        """Kept tokens per view, and the always-kept extras, for one image."""
+        sizes, extra = self.hivtp_views(image_width=image_width, image_height=image_height)
         try:
-            return request.num_keep(grid_tokens)
+            return request.view_budgets(sizes), extra
         except params.HivtpParamError as exc:
             raise as_client_error(exc) from exc
-
-
-class HivtpLlavaProcessingInfo(HivtpInfoMixin, LlavaProcessingInfo):
-    """LLaVA-1.5: every image gives the same H x W grid."""
 
     def get_num_pruned_tokens(
         self, *, image_width: int, image_height: int, request: params.PruningRequest
     ) -> int:
+        """Placeholder tokens (embeddings) the image takes in the prompt."""
+        budgets, extra = self.hivtp_budgets(
+            image_width=image_width, image_height=image_height, request=request
+        )
+        return sum(budgets) + extra
+
+
+class HivtpLlavaProcessingInfo(HivtpInfoMixin, LlavaProcessingInfo):
+    """LLaVA-1.5: one H x W view per image, whatever its size."""
+
+    def hivtp_views(self, *, image_width: int, image_height: int) -> tuple[list[int], int]:
         grid = self.get_num_image_tokens(image_width=image_width, image_height=image_height)
-        return self.hivtp_num_keep(grid, request)
+        return [grid], 0
+
+
+class HivtpLlavaNextProcessingInfo(HivtpInfoMixin, LlavaNextProcessingInfo):
+    """LLaVA-NeXT: the base view, the unpadded high-res grid, and its newlines."""
+
+    def hivtp_views(self, *, image_width: int, image_height: int) -> tuple[list[int], int]:
+        height, width = self.hivtp_highres_grid(image_width=image_width, image_height=image_height)
+        side = self.get_vision_encoder_info().get_patch_grid_length()
+        return [side * side, height * width], height
+
+    def hivtp_highres_grid(self, *, image_width: int, image_height: int) -> tuple[int, int]:
+        """(H', W') of the stitched, unpadded grid, exactly as vLLM counts it."""
+        from transformers.models.llava_next.modeling_llava_next import (
+            get_anyres_image_grid_shape,
+        )
+
+        encoder = self.get_vision_encoder_info()
+        tiles_h, tiles_w = get_anyres_image_grid_shape(
+            image_size=(image_height, image_width),
+            grid_pinpoints=self.get_hf_config().image_grid_pinpoints,
+            patch_size=encoder.get_image_size(),
+        )
+        features, newlines = self._get_num_unpadded_features(
+            original_height=image_height,
+            original_width=image_width,
+            npatches=encoder.get_patch_grid_length(),
+            num_patch_height=tiles_h,
+            num_patch_width=tiles_w,
+        )
+        return newlines, features // newlines
 
 
 class HivtpProcessorMixin:
-    """Processor hooks shared by the LLaVA families.
+    """Processor hooks shared by the LLaVA families."""
 
-    The processing info provides ``get_num_pruned_tokens``: the number of
-    embeddings (and so placeholders) an image of a given size produces.
-    """
-
-    def _hivtp_counts(
+    def _hivtp_budgets(
         self, images: ImageProcessorItems, request: params.PruningRequest
-    ) -> list[int]:
+    ) -> list[list[int]]:
         sizes = (images.get_image_size(i) for i in range(images.get_count()))
         return [
-            self.info.get_num_pruned_tokens(  # type: ignore[attr-defined]
+            self.info.hivtp_budgets(  # type: ignore[attr-defined]
                 image_width=size.width, image_height=size.height, request=request
-            )
+            )[0]
             for size in sizes
         ]
 
@@ -134,29 +186,20 @@ class HivtpProcessorMixin:
         if "pixel_values" not in processed_data:
             return processed_data  # precomputed embeddings are passed through
         request = self.info.hivtp_request(hf_processor_mm_kwargs)  # type: ignore[attr-defined]
-        counts = self._hivtp_counts(ImageProcessorItems(mm_inputs["images"]), request)
-        processed_data[NUM_KEEP] = torch.tensor(counts, dtype=torch.long)
+        budgets = self._hivtp_budgets(ImageProcessorItems(mm_inputs["images"]), request)
+        processed_data[NUM_KEEP] = torch.tensor(budgets, dtype=torch.long)
         processed_data[GLOBAL_FRACTION] = torch.full(
-            (len(counts),), request.global_fraction, dtype=torch.float64
+            (len(budgets),), request.global_fraction, dtype=torch.float64
         )
         return processed_data
-
-    def _hivtp_fields(self) -> dict[str, MultiModalFieldConfig]:
-        return {
-            NUM_KEEP: MultiModalFieldConfig.batched("image", keep_on_cpu=True),
-            GLOBAL_FRACTION: MultiModalFieldConfig.batched("image", keep_on_cpu=True),
-        }
-
-
-class HivtpLlavaMultiModalProcessor(HivtpProcessorMixin, LlavaMultiModalProcessor):
-    """LLaVA-1.5 processor with K placeholders per image instead of H x W."""
 
     def _get_mm_fields_config(
         self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
     ) -> Mapping[str, MultiModalFieldConfig]:
         return {
-            **super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
-            **self._hivtp_fields(),
+            **super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),  # type: ignore[misc]
+            NUM_KEEP: MultiModalFieldConfig.batched("image", keep_on_cpu=True),
+            GLOBAL_FRACTION: MultiModalFieldConfig.batched("image", keep_on_cpu=True),
         }
 
     def _get_prompt_updates(
@@ -165,8 +208,9 @@ class HivtpLlavaMultiModalProcessor(HivtpProcessorMixin, LlavaMultiModalProcesso
         hf_processor_mm_kwargs: Mapping[str, object],
         out_mm_kwargs: MultiModalKwargsItems,
     ) -> Sequence[PromptUpdate]:
-        request = self.info.hivtp_request(hf_processor_mm_kwargs)
-        token_id = self.info.get_hf_config().image_token_index
+        info = self.info  # type: ignore[attr-defined]
+        request = info.hivtp_request(hf_processor_mm_kwargs)
+        token_id = info.get_hf_config().image_token_index
 
         def replacement(item_idx: int) -> list[int]:
             # Resolved lazily, per item, as vLLM asks: cached items are not in
@@ -176,7 +220,7 @@ class HivtpLlavaMultiModalProcessor(HivtpProcessorMixin, LlavaMultiModalProcesso
                 # Embeddings given by the client keep their own size.
                 return [token_id] * images.get_feature_size(item_idx)
             size = images.get_image_size(item_idx)
-            count = self.info.get_num_pruned_tokens(
+            count = info.get_num_pruned_tokens(
                 image_width=size.width, image_height=size.height, request=request
             )
             return [token_id] * count
@@ -184,9 +228,19 @@ class HivtpLlavaMultiModalProcessor(HivtpProcessorMixin, LlavaMultiModalProcesso
         return [PromptReplacement(modality="image", target=[token_id], replacement=replacement)]
 
 
+class HivtpLlavaMultiModalProcessor(HivtpProcessorMixin, LlavaMultiModalProcessor):
+    """LLaVA-1.5 processor with K placeholders per image instead of H x W."""
+
+
+class HivtpLlavaNextMultiModalProcessor(HivtpProcessorMixin, LlavaNextMultiModalProcessor):
+    """LLaVA-NeXT processor: K_base + K_hr + H' placeholders per image."""
+
+
 __all__ = [
     "HivtpLlavaProcessingInfo",
     "HivtpLlavaMultiModalProcessor",
+    "HivtpLlavaNextProcessingInfo",
+    "HivtpLlavaNextMultiModalProcessor",
     "LlavaDummyInputsBuilder",
     "supports_pruning",
     "NUM_KEEP",

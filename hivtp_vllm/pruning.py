@@ -26,6 +26,8 @@ __all__ = [
     "check_num_tokens",
     "window_size",
     "region_quotas",
+    "apportion",
+    "split_budget",
     "select_tokens",
     "select_tokens_batched",
 ]
@@ -85,6 +87,42 @@ def _bands(size: int, parts: int) -> torch.Tensor:
     return (idx[:, None] >= bounds[None, :]).sum(dim=1)
 
 
+def apportion(total: int, sizes: torch.Tensor) -> torch.Tensor:
+    """Largest-remainder split of ``total`` over parts in proportion to ``sizes``.
+
+    Each part gets ``floor(total * n_t / N)``; what is left goes one each to
+    the parts with the largest remainder, ties to the lower index (a stable
+    descending sort keeps index order among equals).
+    """
+    n = int(sizes.sum())
+    scaled = total * sizes
+    share = scaled // n
+    left = total - int(share.sum())
+    if left > 0:
+        order = torch.sort(scaled % n, descending=True, stable=True).indices
+        share[order[:left]] += 1
+    return share
+
+
+def split_budget(num_keep: int, sizes: Sequence[int]) -> list[int]:
+    """Split one image's budget over its views (LLaVA-NeXT: base view, high-res grid).
+
+    :func:`apportion` in proportion to the views' token counts; a view left
+    with nothing then takes one token from the largest share (ties: the lower
+    view), so every view keeps at least one token. Needs
+    ``len(sizes) <= num_keep <= sum(sizes)``.
+    """
+    if not len(sizes) <= num_keep <= sum(sizes):
+        raise ValueError(f"num_keep must be in [{len(sizes)}, {sum(sizes)}], got {num_keep}")
+    share = apportion(num_keep, torch.tensor(sizes)).tolist()
+    for view, got in enumerate(share):
+        if got == 0:
+            donor = max(range(len(share)), key=lambda v: (share[v], -v))
+            share[donor] -= 1
+            share[view] = 1
+    return share
+
+
 def region_quotas(
     height: int, width: int, num_global: int, regions: tuple[int, int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,17 +133,8 @@ def region_quotas(
     Returns ``(region_of_token [N], quota [Rh*Rw])``.
     """
     rh, rw = regions
-    n = height * width
     region = (_bands(height, rh)[:, None] * rw + _bands(width, rw)[None, :]).reshape(-1)
-    sizes = torch.bincount(region, minlength=rh * rw)
-    scaled = num_global * sizes
-    quota = scaled // n
-    left = num_global - int(quota.sum())
-    if left > 0:
-        # Stable descending sort on the remainder: equal remainders keep
-        # region order, which is the spec's tie rule.
-        order = torch.sort(scaled % n, descending=True, stable=True).indices
-        quota[order[:left]] += 1
+    quota = apportion(num_global, torch.bincount(region, minlength=rh * rw))
     return region, quota
 
 

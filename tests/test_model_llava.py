@@ -75,7 +75,7 @@ def test_scores_match_transformers(llm, tiny_llava, pixel_values):
 
 
 def test_kept_embeddings_are_the_unpruned_ones(llm, pixel_values):
-    num_keep = torch.tensor([288, 576, 64])
+    num_keep = torch.tensor([[288], [576], [64]])  # one view per image
     fractions = torch.tensor([0.5, 0.5, 0.25], dtype=torch.float64)
 
     def run(model):
@@ -114,7 +114,7 @@ def test_all_kept_is_stock_and_computes_no_scores(llm, pixel_values):
             model.hivtp_recorder._sum = None
             full = model.embed_multimodal(
                 pixel_values=pv,
-                hivtp_num_keep=torch.tensor([576] * 3),
+                hivtp_num_keep=torch.tensor([[576]] * 3),
                 hivtp_global_fraction=torch.tensor([0.5] * 3, dtype=torch.float64),
             )
         finally:

@@ -80,7 +80,7 @@ def test_placeholder_counts(make_processor, kwargs, kept):
     token_id = processor.info.get_hf_config().image_token_index
     assert result["prompt_token_ids"].count(token_id) == 2 * kept
     items = result["mm_kwargs"]["image"]
-    assert [int(item["hivtp_num_keep"].data) for item in items] == [kept, kept]
+    assert [int(item["hivtp_num_keep"].data[0]) for item in items] == [kept, kept]
 
 
 def test_server_default_and_request_override(make_processor):
@@ -118,7 +118,7 @@ def test_cache_keys_follow_the_pruning(make_processor):
     seen = {}
     for ratio in (0.5, 0.25, 0.5, 1.0, 0.25):
         result = apply(processor, [img], {"hivtp_retain_ratio": ratio}, cache=cache)
-        kept = int(result["mm_kwargs"]["image"][0]["hivtp_num_keep"].data)
+        kept = int(result["mm_kwargs"]["image"][0]["hivtp_num_keep"].data[0])
         assert placeholder_lengths(result) == [kept]
         seen.setdefault(ratio, (kept, result["mm_hashes"]["image"][0]))
         assert (kept, result["mm_hashes"]["image"][0]) == seen[ratio]

@@ -8,6 +8,8 @@ that share a grid and a budget.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 from vllm.distributed import tensor_model_parallel_all_reduce
@@ -64,30 +66,25 @@ def build_recorder(
     )
 
 
-def select_per_image(
-    scores: torch.Tensor,
-    grid: tuple[int, int],
-    num_keep: list[int],
-    fractions: list[float],
+def select_views(
+    scores: Sequence[torch.Tensor],
+    num_keep: Sequence[int],
+    fractions: Sequence[float],
     regions: tuple[int, int],
 ) -> list[torch.Tensor]:
-    """Kept flat indices for each image (``scores`` is ``[B, H*W]``).
+    """Kept flat indices for each view (``scores[i]`` is ``[H_i, W_i]``).
 
-    Images are grouped by (K, global fraction) so each group is one batched
-    selection call; the loop runs over distinct budgets, not over images.
+    Views are grouped by (grid, K, global fraction) so each group is one
+    batched selection call; the loop runs over distinct groups, not images.
     """
-    height, width = grid
-    kept: list[torch.Tensor | None] = [None] * scores.shape[0]
-    groups: dict[tuple[int, float], list[int]] = {}
-    for i, key in enumerate(zip(num_keep, fractions, strict=True)):
+    kept: list[torch.Tensor | None] = [None] * len(scores)
+    groups: dict[tuple, list[int]] = {}
+    for i, view in enumerate(scores):
+        key = (tuple(view.shape), int(num_keep[i]), float(fractions[i]))
         groups.setdefault(key, []).append(i)
-    for (k, fraction), rows in groups.items():
-        index = torch.tensor(rows, device=scores.device)
+    for (_, k, fraction), rows in groups.items():
         picked = select_tokens_batched(
-            scores[index].reshape(len(rows), height, width),
-            k,
-            regions=regions,
-            global_fraction=fraction,
+            torch.stack([scores[i] for i in rows]), k, regions=regions, global_fraction=fraction
         )
         for row, indices in zip(rows, picked, strict=True):
             kept[row] = indices

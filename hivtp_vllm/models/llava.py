@@ -16,7 +16,7 @@ from vllm.model_executor.models.llava import LlavaForConditionalGeneration
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from hivtp_vllm import params
-from hivtp_vllm.models.common import build_recorder, select_per_image
+from hivtp_vllm.models.common import build_recorder, select_views
 from hivtp_vllm.processor import (
     GLOBAL_FRACTION,
     NUM_KEEP,
@@ -58,7 +58,7 @@ class HivtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             return []
         if num_keep is None or image_input["type"] != "pixel_values":
             return self._process_image_input(image_input)
-        num_keep = [int(k) for k in num_keep]
+        num_keep = [int(k) for k in num_keep[:, 0]]  # one view per image
         grid_tokens = self.hivtp_grid[0] * self.hivtp_grid[1]
         pruned = [i for i, k in enumerate(num_keep) if k < grid_tokens]
         if not pruned:
@@ -73,9 +73,8 @@ class HivtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         # bit-identical to the unpruned embeddings; it costs a fraction of a
         # percent of the language model's prefill.
         embeds = self.multi_modal_projector(features)
-        kept = select_per_image(
-            scores,
-            self.hivtp_grid,
+        kept = select_views(
+            scores.view(len(pruned), *self.hivtp_grid).unbind(0),
             [num_keep[i] for i in pruned],
             [float(fractions[i]) for i in pruned],
             self.hivtp_server.regions,

@@ -1,0 +1,151 @@
+"""LLaVA-NeXT (``LlavaNextForConditionalGeneration``) with HIVTP pruning.
+
+vLLM packs a LLaVA-NeXT image as the base view's 24 x 24 features, then the
+high-resolution features stitched from the tiles into one grid, unpadded to
+the image's aspect ratio (H' x W'), with an ``image_newline`` after each row.
+Here the base view is pruned on its own grid and the high-resolution grid as
+one image (regions and windows span the whole picture, not a tile): each
+tile's scores are stitched and unpadded exactly like its features. Every row
+keeps its newline, after that row's kept tokens, so the language model still
+sees the row structure. Images whose counts are all full take the stock path.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.models.llava_next.modeling_llava_next import (
+    get_anyres_image_grid_shape,
+    unpad_image,
+)
+from vllm.config import VllmConfig
+from vllm.model_executor.models.interfaces import MultiModalEmbeddings
+from vllm.model_executor.models.llava_next import LlavaNextForConditionalGeneration
+from vllm.multimodal import MULTIMODAL_REGISTRY
+
+from hivtp_vllm import params
+from hivtp_vllm.models.common import build_recorder, select_views
+from hivtp_vllm.processor import (
+    GLOBAL_FRACTION,
+    NUM_KEEP,
+    HivtpLlavaNextMultiModalProcessor,
+    HivtpLlavaNextProcessingInfo,
+    LlavaDummyInputsBuilder,
+    supports_pruning,
+)
+
+
+def stitch(tiles: torch.Tensor, tile_grid: tuple[int, int], image_size: tuple[int, int]):
+    """Tiles ``[n, side*side, C]`` -> the unpadded high-res grid ``[H', W', C]``.
+
+    The same view/permute/unpad that vLLM applies to the tiles' features, so
+    scores and features land on the same positions.
+    """
+    rows, cols = tile_grid
+    side = int(tiles.shape[1] ** 0.5)
+    grid = (
+        tiles[: rows * cols]
+        .view(rows, cols, side, side, -1)
+        .permute(4, 0, 2, 1, 3)
+        .reshape(-1, rows * side, cols * side)
+    )
+    return unpad_image(grid, image_size).permute(1, 2, 0)
+
+
+def newline_layout(kept: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Positions in vLLM's row-plus-newline layout of the kept high-res tokens.
+
+    The stock layout is ``[H', W' + 1]`` flattened, the last column being the
+    newline. Kept tokens keep their raster order and every newline stays.
+    """
+    mask = torch.zeros(height, width + 1, dtype=torch.bool, device=kept.device)
+    mask.view(-1)[kept // width * (width + 1) + kept % width] = True
+    mask[:, width] = True
+    return mask.view(-1).nonzero().squeeze(1)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    HivtpLlavaNextMultiModalProcessor,
+    info=HivtpLlavaNextProcessingInfo,
+    dummy_inputs=LlavaDummyInputsBuilder,
+)
+class HivtpLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
+    """LLaVA-NeXT whose base view and high-res grid are pruned to the processor's K."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        mm_config = vllm_config.model_config.multimodal_config
+        self.hivtp_server = params.parse_server(
+            mm_config.mm_processor_kwargs if mm_config else None
+        )
+        self.hivtp_recorder = None
+        if supports_pruning(self.config):
+            vision = self.config.vision_config
+            self.hivtp_side = vision.image_size // vision.patch_size
+            self.hivtp_recorder = build_recorder(
+                self.vision_tower.vision_model, vision.num_hidden_layers, self.hivtp_server
+            )
+
+    def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
+        num_keep = kwargs.pop(NUM_KEEP, None)
+        fractions = kwargs.pop(GLOBAL_FRACTION, None)
+        image_input = self._parse_and_validate_image_input(**kwargs)
+        if image_input is None:
+            return []
+        if num_keep is None or image_input["type"] != "pixel_values":
+            return self._process_image_input(image_input)
+        stock = self._process_image_input  # the unpruned path, per image below
+        pixel_values = image_input["pixel_values"]
+        if isinstance(pixel_values, torch.Tensor):
+            pixel_values = list(pixel_values.unbind(0))
+        image_sizes = image_input["image_sizes"]
+        budgets = [[int(k) for k in row] for row in num_keep]
+        views = [self._views(image_sizes[i]) for i in range(len(pixel_values))]
+        pruned = [i for i, (b, v) in enumerate(zip(budgets, views, strict=True)) if b != v[1]]
+        if not pruned:
+            return stock(image_input)
+
+        tiles_per_image = [p.shape[0] for p in pixel_values]
+        starts = torch.tensor([0, *tiles_per_image]).cumsum(0)
+        rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in pruned])
+        with self.hivtp_recorder.recording(rows):
+            features = self._image_pixels_to_features(self.vision_tower, torch.cat(pixel_values))
+        embeds = self.multi_modal_projector(features)  # [tiles, side*side, D]
+        tile_scores = dict(zip(rows.tolist(), self.hivtp_recorder.patch_scores(), strict=True))
+
+        out: list[torch.Tensor] = []
+        view_scores, view_keep, view_fraction = [], [], []
+        for i, image_embeds in enumerate(torch.split(embeds, tiles_per_image)):
+            full = self._merge_image_patch_embeddings(
+                image_sizes[i], image_embeds, strategy="spatial_unpad"
+            )
+            out.append(full)
+            if i not in pruned:
+                continue
+            first = int(starts[i])
+            scores = torch.stack([tile_scores[first + t] for t in range(tiles_per_image[i])])
+            side = self.hivtp_side
+            view_scores.append(scores[0].view(side, side))
+            view_scores.append(
+                stitch(scores[1:, :, None], views[i][0], tuple(image_sizes[i].tolist()))[..., 0]
+            )
+            view_keep += budgets[i]
+            view_fraction += [float(fractions[i])] * 2
+        kept = select_views(view_scores, view_keep, view_fraction, self.hivtp_server.regions)
+        side_tokens = self.hivtp_side**2
+        for n, i in enumerate(pruned):
+            base, highres = kept[2 * n], kept[2 * n + 1]
+            height, width = view_scores[2 * n + 1].shape
+            index = torch.cat([base, side_tokens + newline_layout(highres, height, width)])
+            out[i] = out[i][index.to(out[i].device)]
+        return out
+
+    def _views(self, image_size: torch.Tensor) -> tuple[tuple[int, int], list[int]]:
+        """(tile grid, unpruned size of each view) of one image, as vLLM lays it out."""
+        height, width = image_size.tolist()
+        tile_grid = get_anyres_image_grid_shape(
+            (height, width), self.config.image_grid_pinpoints, self.config.vision_config.image_size
+        )
+        side = self.hivtp_side
+        grid = torch.empty(1, tile_grid[0] * side, tile_grid[1] * side)
+        unpadded = unpad_image(grid, (height, width)).shape[1:]
+        return tile_grid, [side * side, unpadded[0] * unpadded[1]]
