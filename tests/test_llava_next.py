@@ -1,0 +1,279 @@
+"""LLaVA-NeXT: exact counts per aspect ratio, scores and kept embeddings, served.
+
+Expected counts and layouts are computed here from transformers' own anyres
+helpers (``get_anyres_image_grid_shape``, ``unpad_image``), not from vLLM's
+code or ours.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers.models.llava_next.modeling_llava_next import (
+    get_anyres_image_grid_shape,
+    unpad_image,
+)
+
+import hivtp_vllm
+from hivtp_vllm.local_server import image_data_url
+from hivtp_vllm.pruning import default_band, num_retained, select_tokens, split_budget
+
+SIZES = [(336, 336), (672, 336), (1000, 400), (300, 1200), (200, 150)]  # (width, height)
+BASE = 576
+
+
+def highres_grid(width: int, height: int) -> tuple[int, int, tuple[int, int]]:
+    """(H', W', tile grid) from transformers' helpers (llava-v1.6 pinpoints)."""
+    pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    rows, cols = get_anyres_image_grid_shape((height, width), pinpoints, 336)
+    grid = unpad_image(torch.empty(1, rows * 24, cols * 24), (height, width))
+    return grid.shape[1], grid.shape[2], (rows, cols)
+
+
+def expected_tokens(width: int, height: int, kwargs: dict | None) -> int:
+    h, w, _ = highres_grid(width, height)
+    kwargs = kwargs or {}
+    if "hivtp_num_tokens" in kwargs:
+        return kwargs["hivtp_num_tokens"] + h
+    r = kwargs.get("hivtp_retain_ratio", 1.0)
+    return num_retained(BASE, r) + num_retained(h * w, r) + h
+
+
+def noise(seed: int, width: int, height: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((height, width, 3)) * 255).astype("uint8"))
+
+
+@pytest.fixture(scope="module")
+def tiny_next(tmp_path_factory) -> object:
+    from hivtp_vllm.checkpoints import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("next") / "tiny-next", arch="llava-next")
+
+
+# -- processor ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def next_processor(tiny_next):
+    hivtp_vllm.register()
+    from vllm.config import ModelConfig
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    config = ModelConfig(model=str(tiny_next), max_model_len=4096)
+    return MULTIMODAL_REGISTRY.create_processor(config)
+
+
+def placeholder_length(processor, image, kwargs):
+    from vllm.multimodal.processing import ProcessorInputs
+    from vllm.multimodal.processing.context import TimingContext
+
+    token_id = processor.info.get_hf_config().image_token_index
+    inputs = ProcessorInputs(
+        prompt=[1, token_id, 5],
+        mm_data_items=processor.info.parse_mm_data({"image": [image]}),
+        hf_processor_mm_kwargs=kwargs or {},
+    )
+    result = processor.apply(inputs, TimingContext(enabled=False))
+    (placeholder,) = result["mm_placeholders"]["image"]
+    item = result["mm_kwargs"]["image"][0]
+    return placeholder.length, item["hivtp_num_keep"].data.tolist()
+
+
+@pytest.mark.parametrize("size", SIZES, ids=[f"{w}x{h}" for w, h in SIZES])
+def test_processor_counts(next_processor, size):
+    width, height = size
+    image = noise(0, width, height)
+    stock = next_processor.info.get_num_image_tokens(image_width=width, image_height=height)
+    h, w, _ = highres_grid(width, height)
+    assert stock == BASE + h * w + h  # our independent layout agrees with vLLM's
+    for kwargs in (
+        None,
+        {"hivtp_retain_ratio": 1.0},
+        {"hivtp_retain_ratio": 0.5},
+        {"hivtp_retain_ratio": 0.25},
+        {"hivtp_num_tokens": 64},
+        {"hivtp_num_tokens": 2},
+    ):
+        length, budgets = placeholder_length(next_processor, image, kwargs)
+        assert length == expected_tokens(width, height, kwargs), kwargs
+        assert sum(budgets) + h == length
+
+
+def test_budget_split_is_proportional(next_processor):
+    # 1000 x 400 -> H' x W' = 19 x 48 (912 tokens) next to the 576 base tokens.
+    h, w, _ = highres_grid(1000, 400)
+    _, budgets = placeholder_length(next_processor, noise(1, 1000, 400), {"hivtp_num_tokens": 100})
+    assert budgets == split_budget(100, [BASE, h * w])
+    assert budgets[0] == round(100 * BASE / (BASE + h * w))
+
+
+def test_budget_out_of_range_is_a_400(next_processor):
+    from vllm.exceptions import VLLMValidationError
+
+    h, w, _ = highres_grid(672, 336)
+    for bad in (1, BASE + h * w + 1):
+        with pytest.raises(VLLMValidationError, match=r"\[2, ") as info:
+            placeholder_length(next_processor, noise(2, 672, 336), {"hivtp_num_tokens": bad})
+        assert info.value.parameter == "hivtp_num_tokens"
+
+
+# -- model ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def next_llm(tiny_next):
+    saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm import LLM
+
+    engine = LLM(
+        model=str(tiny_next),
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=4096,
+        kv_cache_memory_bytes=1 << 28,
+    )
+    yield engine
+    del engine
+    if saved is None:
+        os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    else:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved
+
+
+def transformers_tile_scores(checkpoint, pixel_values: torch.Tensor) -> torch.Tensor:
+    from transformers import LlavaNextForConditionalGeneration
+
+    model = LlavaNextForConditionalGeneration.from_pretrained(
+        checkpoint, dtype=torch.float32, attn_implementation="eager"
+    )
+    tower = model.model.vision_tower
+    with torch.no_grad():
+        out = tower(pixel_values, output_attentions=True)
+    start, count = default_band(tower.config.num_hidden_layers)
+    return torch.stack(out.attentions[start : start + count]).mean(dim=(0, 2, 3))[:, 1:]
+
+
+def test_kept_embeddings_and_newlines(next_llm, tiny_next):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_next)
+    cases = [((1000, 400), 0.25), ((300, 1200), 0.5), ((200, 150), 0.25)]
+    images = [noise(7 + i, w, h) for i, ((w, h), _) in enumerate(cases)]
+    batch = [processor.image_processor(img, return_tensors="pt") for img in images]
+    pixel_values = [b["pixel_values"][0] for b in batch]  # [tiles_i, 3, 336, 336]
+    image_sizes = torch.cat([b["image_sizes"] for b in batch])
+    num_keep, expected = [], []
+    for (w, h), r in cases:
+        hh, ww, _ = highres_grid(w, h)
+        num_keep.append([num_retained(BASE, r), num_retained(hh * ww, r)])
+        expected.append(num_keep[-1][0] + num_keep[-1][1] + hh)
+
+    def run(model):
+        stock = model.embed_multimodal(pixel_values=pixel_values, image_sizes=image_sizes)
+        pruned = model.embed_multimodal(
+            pixel_values=pixel_values,
+            image_sizes=image_sizes,
+            hivtp_num_keep=torch.tensor(num_keep),
+            hivtp_global_fraction=torch.full((len(cases),), 0.5, dtype=torch.float64),
+        )
+        tiles = pixel_values[0].to(model.vision_tower.dtype)
+        with model.hivtp_recorder.recording(torch.arange(tiles.shape[0])):
+            model._image_pixels_to_features(model.vision_tower, tiles)
+        scores = model.hivtp_recorder.patch_scores().cpu()
+        stock = [s.cpu() for s in stock]
+        return stock, [p.cpu() for p in pruned], model.image_newline.cpu(), scores
+
+    ((stock, pruned, newline, vllm_scores),) = next_llm.apply_model(run)
+    # Scores from vLLM's CLIP, tile by tile, equal transformers' attentions.
+    torch.testing.assert_close(
+        vllm_scores, transformers_tile_scores(tiny_next, pixel_values[0]), rtol=1e-4, atol=1e-7
+    )
+    for i, ((w, h), _) in enumerate(cases):
+        hh, ww, tile_grid = highres_grid(w, h)
+        assert pruned[i].shape[0] == expected[i]
+        # Scores from transformers, stitched here the way transformers packs
+        # LLaVA-NeXT features (view, permute, unpad).
+        scores = transformers_tile_scores(tiny_next, pixel_values[i])
+        rows, cols = tile_grid
+        hr = scores[1 : 1 + rows * cols].view(rows, cols, 24, 24, 1).permute(4, 0, 2, 1, 3)
+        hr = unpad_image(hr.reshape(1, rows * 24, cols * 24), (h, w))[0]
+        assert hr.shape == (hh, ww)
+        base_kept = select_tokens(scores[0].view(24, 24), num_keep[i][0])
+        hr_kept = select_tokens(hr, num_keep[i][1])
+        # Stock layout: base 576, then H' rows of W' tokens + 1 newline.
+        layout = torch.zeros(hh, ww + 1, dtype=torch.bool)
+        layout[hr_kept // ww, hr_kept % ww] = True
+        layout[:, ww] = True
+        index = torch.cat([base_kept, BASE + layout.view(-1).nonzero().squeeze(1)])
+        assert torch.allclose(pruned[i], stock[i][index], rtol=0, atol=0)
+        # Every row kept its newline, right after that row's kept tokens.
+        is_newline = (pruned[i] == newline).all(dim=1)
+        assert int(is_newline.sum()) == hh
+        assert bool(is_newline[-1])
+
+
+# -- server -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def next_servers(server_factory, tiny_next):
+    return (
+        server_factory(tiny_next),
+        server_factory(tiny_next, plugin=False),
+    )
+
+
+def prompt_tokens(response) -> int:
+    assert response.status_code == 200, response.text
+    return response.json()["usage"]["prompt_tokens"]
+
+
+@pytest.mark.server
+def test_served_counts_by_aspect_ratio(next_servers):
+    ours, stock = next_servers
+    for seed, (w, h) in enumerate(SIZES):
+        image = [image_data_url(100 + seed, w, h)]
+        full = prompt_tokens(stock.chat(image))
+        text = full - expected_tokens(w, h, None)
+        for r in (1.0, 0.5, 0.25):
+            kwargs = {"hivtp_retain_ratio": r}
+            assert prompt_tokens(ours.chat(image, kwargs)) == text + expected_tokens(w, h, kwargs)
+
+
+@pytest.mark.server
+def test_served_full_ratio_matches_stock(next_servers):
+    ours, stock = next_servers
+    image = [image_data_url(200, 1000, 400)]
+    want = stock.chat(image, max_tokens=12).json()
+    for kwargs in (None, {"hivtp_retain_ratio": 1.0}):
+        got = ours.chat(image, kwargs, max_tokens=12).json()
+        assert got["choices"][0]["message"] == want["choices"][0]["message"]
+        assert got["usage"] == want["usage"]
+
+
+@pytest.mark.server
+def test_served_concurrent_mixed(next_servers):
+    ours, stock = next_servers
+    jobs = []
+    for i, (w, h) in enumerate(SIZES * 2):
+        r = (1.0, 0.5, 0.25)[i % 3]
+        image = [image_data_url(300 + i, w, h)]
+        text = prompt_tokens(stock.chat(image, max_tokens=1)) - expected_tokens(w, h, None)
+        jobs.append(
+            (
+                image,
+                {"hivtp_retain_ratio": r},
+                text + expected_tokens(w, h, {"hivtp_retain_ratio": r}),
+            )
+        )
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        futures = [pool.submit(ours.chat, img, kw, max_tokens=4) for img, kw, _ in jobs]
+    for (_, kwargs, want), future in zip(jobs, futures, strict=True):
+        assert prompt_tokens(future.result()) == want, kwargs
