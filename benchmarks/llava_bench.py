@@ -21,27 +21,45 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import machine, median, write_section  # noqa: E402
-from hivtp_vllm.local_server import VllmServer, image_data_url  # noqa: E402
+from hivtp_vllm.local_server import VllmServer, image_data_url, in_process_llm  # noqa: E402
 
 RATIOS = (1.0, 0.5, 0.25)
-COMMAND = ".venv/bin/python benchmarks/llava_bench.py"
 
 
-def ensure_model(path: Path, size: str) -> Path:
+@dataclass(frozen=True)
+class Arch:
+    """What the benchmark varies per LLaVA family."""
+
+    title: str
+    section: str
+    image: tuple[int, int]  # (width, height) of the TTFT requests' images
+    tiles: int  # tower inputs per image at that size
+    views: tuple[tuple[int, int], ...]  # grids selected per image
+
+
+ARCHS = {
+    "llava": Arch("LLaVA-1.5", "llava-1.5-single", (336, 336), 1, ((24, 24),)),
+    # 672 x 672: the largest llava-v1.6 layout, 576 + 48 x 48 + 48 = 2928 tokens.
+    "llava-next": Arch("LLaVA-NeXT", "llava-next-single", (672, 672), 5, ((24, 24), (48, 48))),
+}
+
+
+def ensure_model(path: Path, size: str, arch: str = "llava") -> Path:
     if not (path / "config.json").exists():
         from hivtp_vllm.checkpoints import make_checkpoint
 
-        make_checkpoint(path, size=size)
+        make_checkpoint(path, size=size, arch=arch)
     return path
 
 
-def measure_ttft(model: Path, requests: int) -> dict[float, dict[str, float]]:
+def measure_ttft(model: Path, requests: int, image: tuple[int, int]) -> dict:
     server = VllmServer(model, ["--max-num-seqs", "16"])
     print(f"[ttft] starting server on {server.url} ...", flush=True)
     server.start()
@@ -49,14 +67,14 @@ def measure_ttft(model: Path, requests: int) -> dict[float, dict[str, float]]:
         seed = 10_000
         for ratio in RATIOS:  # warm-up, not recorded
             seed += 1
-            server.timed_stream([image_data_url(seed)], {"hivtp_retain_ratio": ratio})
+            server.timed_stream([image_data_url(seed, *image)], {"hivtp_retain_ratio": ratio})
         runs: dict[float, list[dict]] = {r: [] for r in RATIOS}
         for i in range(requests):
             order = RATIOS[i % 3 :] + RATIOS[: i % 3]
             for ratio in order:
                 seed += 1
                 result = server.timed_stream(
-                    [image_data_url(seed)], {"hivtp_retain_ratio": ratio}, max_tokens=2
+                    [image_data_url(seed, *image)], {"hivtp_retain_ratio": ratio}, max_tokens=2
                 )
                 runs[ratio].append(result)
             print(f"[ttft] round {i + 1}/{requests}", flush=True)
@@ -72,40 +90,42 @@ def measure_ttft(model: Path, requests: int) -> dict[float, dict[str, float]]:
     }
 
 
-def overhead_probe(batches: tuple[int, ...], reps: int):
-    """Runs inside the engine: times plain tower, recorded tower, selection."""
+def overhead_probe(batches: tuple[int, ...], reps: int, arch: Arch):
+    """Runs inside the engine: times plain tower, recorded tower, selection.
+
+    ``batch`` counts images; each has ``arch.tiles`` tower inputs and its
+    views are selected at r = 0.25, as the model would.
+    """
 
     def probe(model):
         import torch
 
         from hivtp_vllm.models.common import select_views
+        from hivtp_vllm.pruning import num_retained
 
-        vision = model.config.vision_config
-        side = vision.image_size // vision.patch_size
+        size = model.config.vision_config.image_size
         results = {}
         for batch in batches:
-            pv = torch.randn(batch, 3, vision.image_size, vision.image_size).to(
-                model.vision_tower.dtype
-            )
-            image = {"type": "pixel_values", "pixel_values": pv}
+            pv = torch.randn(batch * arch.tiles, 3, size, size).to(model.vision_tower.dtype)
+            views = [torch.rand(h, w) for h, w in arch.views] * batch
+            budgets = [num_retained(v.numel(), 0.25) for v in views]
+
+            def tower(pv=pv):
+                return model._image_pixels_to_features(model.vision_tower, pv)
+
             plain, recorded, hooks, select = [], [], [], []
             with torch.inference_mode():
-                model._process_image_pixels(image)  # warm-up
+                tower()  # warm-up
                 for _ in range(reps):
                     t0 = time.perf_counter()
-                    model._process_image_pixels(image)
+                    tower()
                     t1 = time.perf_counter()
                     rec = model.hivtp_recorder
-                    with rec.recording(torch.arange(batch)):
-                        model._process_image_pixels(image)
+                    with rec.recording(torch.arange(pv.shape[0])):
+                        tower()
                     t2 = time.perf_counter()
-                    scores = rec.patch_scores()
-                    select_views(
-                        scores.view(batch, side, side).unbind(0),
-                        [side * side // 4] * batch,
-                        [0.5] * batch,
-                        (2, 2),
-                    )
+                    rec.patch_scores()
+                    select_views(views, budgets, [0.5] * len(views), (2, 2))
                     t3 = time.perf_counter()
                     plain.append(t1 - t0)
                     recorded.append(t2 - t1)
@@ -122,20 +142,11 @@ def overhead_probe(batches: tuple[int, ...], reps: int):
     return probe
 
 
-def measure_overhead(model: Path, batches: tuple[int, ...], reps: int, **llm_kwargs) -> dict:
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    from vllm import LLM
-
-    llm = LLM(
-        model=str(model),
-        dtype="float32",
-        enforce_eager=True,
-        max_model_len=2048,
-        kv_cache_memory_bytes=1 << 28,
-        **llm_kwargs,
-    )
-    (result,) = llm.apply_model(overhead_probe(batches, reps))
-    del llm
+def measure_overhead(
+    model: Path, batches: tuple[int, ...], reps: int, arch: Arch, **llm_kwargs
+) -> dict:
+    with in_process_llm(model, max_model_len=2048, **llm_kwargs) as llm:
+        (result,) = llm.apply_model(overhead_probe(batches, reps, arch))
     return result
 
 
@@ -153,38 +164,49 @@ def overhead_rows(name: str, result: dict) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", choices=list(ARCHS), default="llava")
     parser.add_argument("--requests", type=int, default=12, help="requests per ratio")
     parser.add_argument("--reps", type=int, default=7, help="overhead repetitions")
     parser.add_argument("--models", type=Path, default=ROOT / ".cache" / "models")
+    parser.add_argument("--skip-clip-l", action="store_true", help="no full-size tower run")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    arch = ARCHS[args.arch]
+    command = f".venv/bin/python benchmarks/llava_bench.py --arch {args.arch}"
 
-    bench = ensure_model(args.models / "bench-llava", "bench")
-    ttft = measure_ttft(bench, args.requests)
+    bench = ensure_model(args.models / f"bench-{args.arch}", "bench", args.arch)
+    ttft = measure_ttft(bench, args.requests, arch.image)
     base = ttft[1.0]["ttft"]
     print("[overhead] bench tower ...", flush=True)
-    over_bench = measure_overhead(bench, (1, 16), args.reps)
-    print("[overhead] CLIP-L tower ...", flush=True)
-    clip_l = ensure_model(args.models / "clip-l-probe", "clip-l")
-    # CLIP-L at batch 16 costs minutes per forward on 2 CPU cores: 1 and 4 here.
-    over_clip = measure_overhead(clip_l, (1, 4), 3)
+    over_bench = measure_overhead(bench, (1, 16), args.reps, arch)
+    over_clip = {}
+    if not args.skip_clip_l:
+        print("[overhead] CLIP-L tower ...", flush=True)
+        clip_l = ensure_model(args.models / "clip-l-probe", "clip-l")
+        # CLIP-L costs seconds per image on 2 CPU cores: 1 and 4 tower inputs.
+        over_clip = measure_overhead(clip_l, (1, 4), 3, ARCHS["llava"])
 
+    from hivtp_vllm.pruning import num_retained
+
+    width, height = arch.image
     lines = [
-        "## LLaVA-1.5: single-request TTFT and pruning overhead",
+        f"## {arch.title}: single-request TTFT and pruning overhead",
         "",
-        f"Command: `{COMMAND}` (script: `benchmarks/llava_bench.py`).",
+        f"Command: `{command}` (script: `benchmarks/llava_bench.py`).",
         f"Machine: {machine()}; vLLM CPU build, float32, `--enforce-eager`.",
         "",
-        f"Model: random-weight `bench` LLaVA-1.5 ({bench.name}: CLIP 12 layers x 128, "
-        "Llama 8 layers x 768; 336 px, 576 visual tokens per image).",
+        f"Model: random-weight `bench` {arch.title} (`make-model --size bench --arch "
+        f"{args.arch}`: CLIP 12 layers x 128, Llama 8 layers x 768, 336 px tiles).",
+        f"Images {width} x {height}: views {' + '.join(f'{h} x {w}' for h, w in arch.views)}"
+        + (" plus one newline per high-res row." if len(arch.views) > 1 else "."),
         f"{ttft[1.0]['n']} requests per ratio, interleaved, one at a time, fresh image each, "
         "2 output tokens; TTFT = time to the first streamed content chunk.",
         "",
-        "| retain ratio | visual tokens | prompt tokens | median TTFT (s) | vs r = 1.0 |",
+        "| retain ratio | visual tokens kept | prompt tokens | median TTFT (s) | vs r = 1.0 |",
         "|---|---|---|---|---|",
     ]
     for r in RATIOS:
-        kept = max(1, min(576, int(r * 576 + 0.5)))
+        kept = " + ".join(str(num_retained(h * w, r)) for h, w in arch.views)
         t = ttft[r]
         lines.append(
             f"| {r} | {kept} | {t['prompt_tokens']} | {t['ttft']:.3f} | "
@@ -194,6 +216,7 @@ def main() -> int:
         "",
         "Pruning overhead: scores (band attention recomputed from the tower's own q, k)",
         "plus selection, against the vision tower's time; medians of interleaved runs.",
+        f"Batch counts images ({arch.tiles} tower input(s) each at this size).",
         "`recorded - plain` is the wall-clock difference (noisy at small sizes);",
         "`hooks + select` is the time measured inside the scoring hooks and selection.",
         "",
@@ -203,7 +226,7 @@ def main() -> int:
         *overhead_rows("bench (12 x 128)", over_bench),
         *overhead_rows("CLIP-L (24 x 1024, runs 23)", over_clip),
     ]
-    write_section("llava-1.5-single", "\n".join(lines))
+    write_section(arch.section, "\n".join(lines))
     print("\n".join(lines))
     return 0
 

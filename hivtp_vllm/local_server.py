@@ -8,6 +8,7 @@ on a free loopback port, and stopped cleanly.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +52,26 @@ def image_data_url(seed: int, width: int = 336, height: int = 336) -> str:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@contextlib.contextmanager
+def in_process_llm(model: Path | str, **overrides: object) -> Iterator[object]:
+    """vLLM's ``LLM`` engine in this process, so ``apply_model`` can return
+    tensors from the loaded model (tests, overhead benchmarks)."""
+    saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm import LLM
+
+    options = dict(
+        dtype="float32", enforce_eager=True, max_model_len=4096, kv_cache_memory_bytes=1 << 28
+    )
+    try:
+        yield LLM(model=str(model), **{**options, **overrides})
+    finally:
+        if saved is None:
+            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved
 
 
 class VllmServer:

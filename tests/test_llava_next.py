@@ -7,7 +7,6 @@ code or ours.
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -20,7 +19,7 @@ from transformers.models.llava_next.modeling_llava_next import (
 )
 
 import hivtp_vllm
-from hivtp_vllm.local_server import image_data_url
+from hivtp_vllm.local_server import image_data_url, in_process_llm
 from hivtp_vllm.pruning import default_band, num_retained, select_tokens, split_budget
 
 SIZES = [(336, 336), (672, 336), (1000, 400), (300, 1200), (200, 150)]  # (width, height)
@@ -128,23 +127,8 @@ def test_budget_out_of_range_is_a_400(next_processor):
 
 @pytest.fixture(scope="module")
 def next_llm(tiny_next):
-    saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    from vllm import LLM
-
-    engine = LLM(
-        model=str(tiny_next),
-        dtype="float32",
-        enforce_eager=True,
-        max_model_len=4096,
-        kv_cache_memory_bytes=1 << 28,
-    )
-    yield engine
-    del engine
-    if saved is None:
-        os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-    else:
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved
+    with in_process_llm(tiny_next) as engine:
+        yield engine
 
 
 def transformers_tile_scores(checkpoint, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -7,11 +7,10 @@ transformers' ``CLIPVisionModel(output_attentions=True)`` on the same weights.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
+from hivtp_vllm.local_server import in_process_llm
 from hivtp_vllm.pruning import default_band, select_tokens
 
 pytestmark = pytest.mark.server
@@ -19,23 +18,8 @@ pytestmark = pytest.mark.server
 
 @pytest.fixture(scope="module")
 def llm(tiny_llava):
-    saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # apply_model in this process
-    from vllm import LLM
-
-    engine = LLM(
-        model=str(tiny_llava),
-        dtype="float32",
-        enforce_eager=True,
-        max_model_len=2048,
-        kv_cache_memory_bytes=1 << 28,
-    )
-    yield engine
-    del engine
-    if saved is None:
-        os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-    else:
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved
+    with in_process_llm(tiny_llava) as engine:
+        yield engine
 
 
 @pytest.fixture(scope="module")

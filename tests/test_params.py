@@ -79,3 +79,18 @@ def test_split_keeps_other_keys_apart():
     ours, rest = params.split_hivtp_keys({"hivtp_retain_ratio": 0.5, "do_resize": False})
     assert ours == {"hivtp_retain_ratio": 0.5} and rest == {"do_resize": False}
     assert params.split_hivtp_keys(None) == ({}, {})
+
+
+def test_view_budgets_split_a_budget_over_views():
+    from hivtp_vllm.pruning import split_budget
+
+    request = PruningRequest(num_tokens=100)
+    assert request.view_budgets([576, 912]) == [39, 61] == split_budget(100, [576, 912])
+    # 2 tokens over (576, 2304): largest remainder gives (0, 2); each view keeps one.
+    assert PruningRequest(num_tokens=2).view_budgets([576, 2304]) == [1, 1]
+    assert PruningRequest(num_tokens=2880).view_budgets([576, 2304]) == [576, 2304]
+    assert PruningRequest(retain_ratio=0.25).view_budgets([576, 912]) == [144, 228]
+    with pytest.raises(HivtpParamError, match=r"\[2, 1488\]"):
+        PruningRequest(num_tokens=1).view_budgets([576, 912])
+    with pytest.raises(ValueError):
+        split_budget(1, [3, 4])

@@ -22,6 +22,47 @@ from hivtp_vllm.scoring import ReceivedAttention, check_band
 logger = init_logger(__name__)
 
 
+class HivtpModelMixin:
+    """Set-up and kwargs handling shared by the LLaVA model overrides."""
+
+    def _hivtp_setup(self, vllm_config) -> None:
+        """Read the server options; hook the band if the tower can be pruned."""
+        from hivtp_vllm.processor import supports_pruning
+
+        mm_config = vllm_config.model_config.multimodal_config
+        self.hivtp_server = params.parse_server(
+            mm_config.mm_processor_kwargs if mm_config else None
+        )
+        self.hivtp_recorder = None
+        if supports_pruning(self.config):
+            vision = self.config.vision_config
+            self.hivtp_side = vision.image_size // vision.patch_size
+            self.hivtp_recorder = build_recorder(
+                self.vision_tower.vision_model, vision.num_hidden_layers, self.hivtp_server
+            )
+
+    def _hivtp_inputs(self, kwargs: dict) -> tuple[object, list[list[int]] | None, list[float]]:
+        """(image input, kept counts per image and view, global fractions).
+
+        Counts are ``None`` where nothing can be pruned: no pixels (client
+        embeddings) or no counts from the processor.
+        """
+        from hivtp_vllm.processor import GLOBAL_FRACTION, NUM_KEEP
+
+        num_keep = kwargs.pop(NUM_KEEP, None)
+        fractions = kwargs.pop(GLOBAL_FRACTION, None)
+        image_input = self._parse_and_validate_image_input(**kwargs)
+        if (
+            image_input is None
+            or num_keep is None
+            or self.hivtp_recorder is None
+            or image_input["type"] != "pixel_values"
+        ):
+            return image_input, None, []
+        budgets = [[int(k) for k in row] for row in num_keep]
+        return image_input, budgets, [float(f) for f in fractions]
+
+
 def build_recorder(
     vision_model: nn.Module, num_layers_total: int, server: params.ServerOptions
 ) -> ReceivedAttention:

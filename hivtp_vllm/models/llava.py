@@ -15,15 +15,11 @@ from vllm.model_executor.models.interfaces import MultiModalEmbeddings
 from vllm.model_executor.models.llava import LlavaForConditionalGeneration
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from hivtp_vllm import params
-from hivtp_vllm.models.common import build_recorder, select_views
+from hivtp_vllm.models.common import HivtpModelMixin, select_views
 from hivtp_vllm.processor import (
-    GLOBAL_FRACTION,
-    NUM_KEEP,
     HivtpLlavaMultiModalProcessor,
     HivtpLlavaProcessingInfo,
     LlavaDummyInputsBuilder,
-    supports_pruning,
 )
 
 
@@ -32,35 +28,19 @@ from hivtp_vllm.processor import (
     info=HivtpLlavaProcessingInfo,
     dummy_inputs=LlavaDummyInputsBuilder,
 )
-class HivtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+class HivtpLlavaForConditionalGeneration(HivtpModelMixin, LlavaForConditionalGeneration):
     """LLaVA-1.5 whose image embeddings are pruned to the processor's K."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        mm_config = vllm_config.model_config.multimodal_config
-        self.hivtp_server = params.parse_server(
-            mm_config.mm_processor_kwargs if mm_config else None
-        )
-        self.hivtp_recorder = None
-        if supports_pruning(self.config):
-            vision = self.config.vision_config
-            side = vision.image_size // vision.patch_size
-            self.hivtp_grid = (side, side)
-            self.hivtp_recorder = build_recorder(
-                self.vision_tower.vision_model, vision.num_hidden_layers, self.hivtp_server
-            )
+        self._hivtp_setup(vllm_config)
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
-        num_keep = kwargs.pop(NUM_KEEP, None)
-        fractions = kwargs.pop(GLOBAL_FRACTION, None)
-        image_input = self._parse_and_validate_image_input(**kwargs)
+        image_input, budgets, fractions = self._hivtp_inputs(kwargs)
         if image_input is None:
             return []
-        if num_keep is None or image_input["type"] != "pixel_values":
-            return self._process_image_input(image_input)
-        num_keep = [int(k) for k in num_keep[:, 0]]  # one view per image
-        grid_tokens = self.hivtp_grid[0] * self.hivtp_grid[1]
-        pruned = [i for i, k in enumerate(num_keep) if k < grid_tokens]
+        num_keep = [row[0] for row in budgets or []]  # one view per image
+        pruned = [i for i, k in enumerate(num_keep) if k < self.hivtp_side**2]
         if not pruned:
             return self._process_image_input(image_input)  # the stock path
 
@@ -73,10 +53,11 @@ class HivtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         # bit-identical to the unpruned embeddings; it costs a fraction of a
         # percent of the language model's prefill.
         embeds = self.multi_modal_projector(features)
+        side = self.hivtp_side
         kept = select_views(
-            scores.view(len(pruned), *self.hivtp_grid).unbind(0),
+            scores.view(len(pruned), side, side).unbind(0),
             [num_keep[i] for i in pruned],
-            [float(fractions[i]) for i in pruned],
+            [fractions[i] for i in pruned],
             self.hivtp_server.regions,
         )
         out = list(embeds.unbind(0))

@@ -22,15 +22,11 @@ from vllm.model_executor.models.interfaces import MultiModalEmbeddings
 from vllm.model_executor.models.llava_next import LlavaNextForConditionalGeneration
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from hivtp_vllm import params
-from hivtp_vllm.models.common import build_recorder, select_views
+from hivtp_vllm.models.common import HivtpModelMixin, select_views
 from hivtp_vllm.processor import (
-    GLOBAL_FRACTION,
-    NUM_KEEP,
     HivtpLlavaNextMultiModalProcessor,
     HivtpLlavaNextProcessingInfo,
     LlavaDummyInputsBuilder,
-    supports_pruning,
 )
 
 
@@ -68,41 +64,25 @@ def newline_layout(kept: torch.Tensor, height: int, width: int) -> torch.Tensor:
     info=HivtpLlavaNextProcessingInfo,
     dummy_inputs=LlavaDummyInputsBuilder,
 )
-class HivtpLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
+class HivtpLlavaNextForConditionalGeneration(HivtpModelMixin, LlavaNextForConditionalGeneration):
     """LLaVA-NeXT whose base view and high-res grid are pruned to the processor's K."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        mm_config = vllm_config.model_config.multimodal_config
-        self.hivtp_server = params.parse_server(
-            mm_config.mm_processor_kwargs if mm_config else None
-        )
-        self.hivtp_recorder = None
-        if supports_pruning(self.config):
-            vision = self.config.vision_config
-            self.hivtp_side = vision.image_size // vision.patch_size
-            self.hivtp_recorder = build_recorder(
-                self.vision_tower.vision_model, vision.num_hidden_layers, self.hivtp_server
-            )
+        self._hivtp_setup(vllm_config)
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
-        num_keep = kwargs.pop(NUM_KEEP, None)
-        fractions = kwargs.pop(GLOBAL_FRACTION, None)
-        image_input = self._parse_and_validate_image_input(**kwargs)
+        image_input, budgets, fractions = self._hivtp_inputs(kwargs)
         if image_input is None:
             return []
-        if num_keep is None or image_input["type"] != "pixel_values":
-            return self._process_image_input(image_input)
-        stock = self._process_image_input  # the unpruned path, per image below
-        pixel_values = image_input["pixel_values"]
+        pixel_values = image_input["pixel_values"] if budgets else []
         if isinstance(pixel_values, torch.Tensor):
             pixel_values = list(pixel_values.unbind(0))
-        image_sizes = image_input["image_sizes"]
-        budgets = [[int(k) for k in row] for row in num_keep]
+        image_sizes = image_input["image_sizes"] if budgets else []
         views = [self._views(image_sizes[i]) for i in range(len(pixel_values))]
-        pruned = [i for i, (b, v) in enumerate(zip(budgets, views, strict=True)) if b != v[1]]
+        pruned = [i for i, v in enumerate(views) if budgets[i] != v[1]]
         if not pruned:
-            return stock(image_input)
+            return self._process_image_input(image_input)  # the stock path
 
         tiles_per_image = [p.shape[0] for p in pixel_values]
         starts = torch.tensor([0, *tiles_per_image]).cumsum(0)
@@ -110,7 +90,10 @@ class HivtpLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
         with self.hivtp_recorder.recording(rows):
             features = self._image_pixels_to_features(self.vision_tower, torch.cat(pixel_values))
         embeds = self.multi_modal_projector(features)  # [tiles, side*side, D]
-        tile_scores = dict(zip(rows.tolist(), self.hivtp_recorder.patch_scores(), strict=True))
+        # Scores come back for the pruned images' tiles only, in order.
+        scores = self.hivtp_recorder.patch_scores()
+        split = torch.split(scores, [tiles_per_image[i] for i in pruned])
+        scores_by_image = dict(zip(pruned, split, strict=True))
 
         out: list[torch.Tensor] = []
         view_scores, view_keep, view_fraction = [], [], []
@@ -119,17 +102,16 @@ class HivtpLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
                 image_sizes[i], image_embeds, strategy="spatial_unpad"
             )
             out.append(full)
-            if i not in pruned:
+            if i not in scores_by_image:
                 continue
-            first = int(starts[i])
-            scores = torch.stack([tile_scores[first + t] for t in range(tiles_per_image[i])])
+            scores = scores_by_image[i]
             side = self.hivtp_side
             view_scores.append(scores[0].view(side, side))
             view_scores.append(
                 stitch(scores[1:, :, None], views[i][0], tuple(image_sizes[i].tolist()))[..., 0]
             )
             view_keep += budgets[i]
-            view_fraction += [float(fractions[i])] * 2
+            view_fraction += [fractions[i]] * 2
         kept = select_views(view_scores, view_keep, view_fraction, self.hivtp_server.regions)
         side_tokens = self.hivtp_side**2
         for n, i in enumerate(pruned):
