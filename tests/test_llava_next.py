@@ -261,3 +261,15 @@ def test_served_concurrent_mixed(next_servers):
         futures = [pool.submit(ours.chat, img, kw, max_tokens=4) for img, kw, _ in jobs]
     for (_, kwargs, want), future in zip(jobs, futures, strict=True):
         assert prompt_tokens(future.result()) == want, kwargs
+
+
+@pytest.mark.server
+def test_served_two_images_of_different_shapes(next_servers):
+    ours, stock = next_servers
+    sizes = [(1000, 400), (300, 1200)]
+    images = [image_data_url(400 + i, w, h) for i, (w, h) in enumerate(sizes)]
+    full = prompt_tokens(stock.chat(images))
+    text = full - sum(expected_tokens(w, h, None) for w, h in sizes)
+    for kwargs in ({"hivtp_retain_ratio": 0.5}, {"hivtp_num_tokens": 100}):
+        want = text + sum(expected_tokens(w, h, kwargs) for w, h in sizes)
+        assert prompt_tokens(ours.chat(images, kwargs)) == want, kwargs

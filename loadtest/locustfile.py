@@ -1,0 +1,138 @@
+"""Locust load test: OpenAI streaming chat requests with images against vLLM.
+
+    locust -f loadtest/locustfile.py --headless -u 8 -r 8 -t 60s \\
+        --host http://127.0.0.1:8000 --hivtp-ratio 0.25 --images 1 --max-tokens 32
+
+Each request streams; three series are recorded as locust requests:
+
+- ``TTFT``: time to the first content chunk; its content size is the
+  request's prompt tokens (from the final usage chunk), so the CSV shows
+  what pruning did to the prompt.
+- ``E2E``: time to the last chunk; content size = output tokens.
+- ``OUTPUT_TPS``: output tokens per second after the first token, recorded
+  in the response-time column (milliseconds there mean tokens/s here).
+
+Images come from a small set the script makes itself (the project's example
+picture at several sizes), so runs are reproducible and need no download.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import itertools
+import json
+import time
+from pathlib import Path
+
+from locust import HttpUser, events, task
+from PIL import Image
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "shapes.png"
+
+
+@events.init_command_line_parser.add_listener
+def _options(parser) -> None:
+    group = parser.add_argument_group("hivtp")
+    group.add_argument("--model", default="", help="served model name (default: the server's)")
+    group.add_argument("--hivtp-ratio", type=float, default=None, help="per-request retain ratio")
+    group.add_argument("--hivtp-num-tokens", type=int, default=None, help="per-request budget")
+    group.add_argument("--images", type=int, default=1, help="images per request")
+    group.add_argument(
+        "--image-sizes", default="336x336,672x336,500x500", help="WxH list, used in turn"
+    )
+    group.add_argument("--prompt", default="Describe the picture in detail.")
+    group.add_argument("--max-tokens", type=int, default=32)
+
+
+def image_set(sizes: str) -> list[str]:
+    """Data URLs of the example picture resized to each ``WxH``."""
+    base = Image.open(EXAMPLE).convert("RGB")
+    urls = []
+    for size in sizes.split(","):
+        width, height = (int(x) for x in size.lower().split("x"))
+        buf = io.BytesIO()
+        base.resize((width, height)).save(buf, format="PNG")
+        urls.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
+    return urls
+
+
+def mm_kwargs(options) -> dict | None:
+    if options.hivtp_num_tokens is not None:
+        return {"hivtp_num_tokens": options.hivtp_num_tokens}
+    if options.hivtp_ratio is not None:
+        return {"hivtp_retain_ratio": options.hivtp_ratio}
+    return None
+
+
+class ChatUser(HttpUser):
+    """One client: streaming chat requests back to back."""
+
+    def on_start(self) -> None:
+        options = self.environment.parsed_options
+        self.options = options
+        self.model = options.model or self.client.get("/v1/models").json()["data"][0]["id"]
+        self.images = itertools.cycle(image_set(options.image_sizes))
+        self.extra = mm_kwargs(options)
+
+    def _record(self, name: str, value_ms: float, length: int, exc: Exception | None) -> None:
+        self.environment.events.request.fire(
+            request_type="chat",
+            name=name,
+            response_time=value_ms,
+            response_length=length,
+            exception=exc,
+            context={},
+        )
+
+    @task
+    def chat(self) -> None:
+        content = [
+            {"type": "image_url", "image_url": {"url": next(self.images)}}
+            for _ in range(self.options.images)
+        ]
+        content.append({"type": "text", "text": self.options.prompt})
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": self.options.max_tokens,
+            "temperature": 0.0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if self.extra:
+            body["mm_processor_kwargs"] = self.extra
+        start = time.perf_counter()
+        first = None
+        usage: dict = {}
+        try:
+            with self.client.post(
+                "/v1/chat/completions",
+                json=body,
+                stream=True,
+                catch_response=True,
+                name="request",
+            ) as response:
+                if response.status_code != 200:
+                    response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
+                    return
+                for line in response.iter_lines():
+                    if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if first is None and any(
+                        c.get("delta", {}).get("content") for c in chunk.get("choices", [])
+                    ):
+                        first = time.perf_counter()
+                    usage = chunk.get("usage") or usage
+                response.success()
+        except Exception as exc:  # a disconnect mid-stream is a failed request
+            self._record("E2E", (time.perf_counter() - start) * 1e3, 0, exc)
+            return
+        end = time.perf_counter()
+        first = end if first is None else first
+        output = usage.get("completion_tokens", 0)
+        self._record("TTFT", (first - start) * 1e3, usage.get("prompt_tokens", 0), None)
+        self._record("E2E", (end - start) * 1e3, output, None)
+        if output > 1 and end > first:
+            self._record("OUTPUT_TPS", (output - 1) / (end - first), output, None)
