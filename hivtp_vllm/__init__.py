@@ -23,9 +23,11 @@ def register() -> None:
     """vLLM plugin entry point; vLLM may call it several times per process."""
     from vllm import ModelRegistry
 
+    from hivtp_vllm.metrics import setup_server_side
     from hivtp_vllm.vllm_compat import allow_hivtp_request_kwargs, check_vllm_version
 
     check_vllm_version()
+    setup_server_side()
     for arch, target in MODELS.items():
         ModelRegistry.register_model(arch, target)
     allow_hivtp_request_kwargs()

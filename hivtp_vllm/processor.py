@@ -38,10 +38,11 @@ from vllm.multimodal.parse import (
 )
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
-from hivtp_vllm import params
+from hivtp_vllm import metrics, params
 
 NUM_KEEP = "hivtp_num_keep"
 GLOBAL_FRACTION = "hivtp_global_fraction"
+DUMMY = "hivtp_dummy"  # 1 on vLLM's warm-up and profiling items: not counted
 
 
 def supports_pruning(hf_config: object) -> bool:
@@ -146,6 +147,48 @@ class HivtpLlavaNextProcessingInfo(HivtpInfoMixin, LlavaNextProcessingInfo):
 class HivtpProcessorMixin:
     """Processor hooks shared by the LLaVA families."""
 
+    _hivtp_dummy = False
+
+    def get_dummy_mm_inputs(self, *args, **kwargs):
+        # vLLM's warm-up and memory profiling: mark their items, count nothing.
+        self._hivtp_dummy = True
+        try:
+            return super().get_dummy_mm_inputs(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            self._hivtp_dummy = False
+
+    def apply(self, inputs, timing_ctx):
+        result = super().apply(inputs, timing_ctx)  # type: ignore[misc]
+        if not self._hivtp_dummy:
+            self._hivtp_count(inputs)
+        return result
+
+    def _hivtp_count(self, inputs) -> None:
+        """Images, visual tokens and effective ratio of one request."""
+        if "image" not in inputs.mm_data_items:
+            return
+        images = inputs.mm_data_items["image"]
+        if not isinstance(images, ImageProcessorItems):
+            return  # embeddings from the client: nothing was pruned
+        info = self.info  # type: ignore[attr-defined]
+        request = info.hivtp_request(inputs.hf_processor_mm_kwargs)
+        totals: list[int] = []
+        kept: list[int] = []
+        ratios: list[float] = []
+        for i in range(images.get_count()):
+            if images.get(i) is None:
+                continue  # referenced by uuid, pixels not at hand
+            size = images.get_image_size(i)
+            sizes, extra = info.hivtp_views(image_width=size.width, image_height=size.height)
+            budgets, _ = info.hivtp_budgets(
+                image_width=size.width, image_height=size.height, request=request
+            )
+            totals.append(sum(sizes) + extra)
+            kept.append(sum(budgets) + extra)
+            ratios.append(sum(budgets) / sum(sizes))
+        if totals:
+            metrics.record_images(info.ctx.model_config.served_model_name, totals, kept, ratios)
+
     def _hivtp_budgets(
         self, images: ImageProcessorItems, request: params.PruningRequest
     ) -> list[list[int]]:
@@ -191,6 +234,7 @@ class HivtpProcessorMixin:
         processed_data[GLOBAL_FRACTION] = torch.full(
             (len(budgets),), request.global_fraction, dtype=torch.float64
         )
+        processed_data[DUMMY] = torch.full((len(budgets),), int(self._hivtp_dummy))
         return processed_data
 
     def _get_mm_fields_config(
@@ -200,6 +244,7 @@ class HivtpProcessorMixin:
             **super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),  # type: ignore[misc]
             NUM_KEEP: MultiModalFieldConfig.batched("image", keep_on_cpu=True),
             GLOBAL_FRACTION: MultiModalFieldConfig.batched("image", keep_on_cpu=True),
+            DUMMY: MultiModalFieldConfig.batched("image", keep_on_cpu=True),
         }
 
     def _get_prompt_updates(

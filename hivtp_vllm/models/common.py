@@ -27,9 +27,13 @@ class HivtpModelMixin:
 
     def _hivtp_setup(self, vllm_config) -> None:
         """Read the server options; hook the band if the tower can be pruned."""
+        from hivtp_vllm import metrics
         from hivtp_vllm.processor import supports_pruning
 
         mm_config = vllm_config.model_config.multimodal_config
+        self.hivtp_pruning_time = metrics.pruning_histogram(
+            vllm_config.model_config.served_model_name
+        )
         self.hivtp_server = params.parse_server(
             mm_config.mm_processor_kwargs if mm_config else None
         )
@@ -47,10 +51,12 @@ class HivtpModelMixin:
         Counts are ``None`` where nothing can be pruned: no pixels (client
         embeddings) or no counts from the processor.
         """
-        from hivtp_vllm.processor import GLOBAL_FRACTION, NUM_KEEP
+        from hivtp_vllm.processor import DUMMY, GLOBAL_FRACTION, NUM_KEEP
 
         num_keep = kwargs.pop(NUM_KEEP, None)
         fractions = kwargs.pop(GLOBAL_FRACTION, None)
+        dummy = kwargs.pop(DUMMY, None)
+        self.hivtp_counting = dummy is None or not bool(dummy.any())
         image_input = self._parse_and_validate_image_input(**kwargs)
         if (
             image_input is None
@@ -61,6 +67,11 @@ class HivtpModelMixin:
             return image_input, None, []
         budgets = [[int(k) for k in row] for row in num_keep]
         return image_input, budgets, [float(f) for f in fractions]
+
+    def _hivtp_observe(self, selection_seconds: float) -> None:
+        """Pruning time of this forward: scoring hooks plus selection."""
+        if self.hivtp_counting:
+            self.hivtp_pruning_time.observe(self.hivtp_recorder.seconds + selection_seconds)
 
 
 def build_recorder(

@@ -9,6 +9,8 @@ in raster order. Images with K = H x W take the stock path untouched.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from vllm.config import VllmConfig
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings
@@ -54,12 +56,14 @@ class HivtpLlavaForConditionalGeneration(HivtpModelMixin, LlavaForConditionalGen
         # percent of the language model's prefill.
         embeds = self.multi_modal_projector(features)
         side = self.hivtp_side
+        start = time.perf_counter()
         kept = select_views(
             scores.view(len(pruned), side, side).unbind(0),
             [num_keep[i] for i in pruned],
             [fractions[i] for i in pruned],
             self.hivtp_server.regions,
         )
+        self._hivtp_observe(time.perf_counter() - start)
         out = list(embeds.unbind(0))
         for row, indices in zip(pruned, kept, strict=True):
             out[row] = out[row][indices.to(embeds.device)]

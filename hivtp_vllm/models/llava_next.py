@@ -12,6 +12,8 @@ sees the row structure. Images whose counts are all full take the stock path.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from transformers.models.llava_next.modeling_llava_next import (
     get_anyres_image_grid_shape,
@@ -112,7 +114,9 @@ class HivtpLlavaNextForConditionalGeneration(HivtpModelMixin, LlavaNextForCondit
             )
             view_keep += budgets[i]
             view_fraction += [fractions[i]] * 2
+        start = time.perf_counter()
         kept = select_views(view_scores, view_keep, view_fraction, self.hivtp_server.regions)
+        self._hivtp_observe(time.perf_counter() - start)
         side_tokens = self.hivtp_side**2
         for n, i in enumerate(pruned):
             base, highres = kept[2 * n], kept[2 * n + 1]
