@@ -20,7 +20,8 @@ from transformers.models.llava_next.modeling_llava_next import (
 
 import hivtp_vllm
 from hivtp_vllm.local_server import image_data_url, in_process_llm
-from hivtp_vllm.pruning import default_band, num_retained, select_tokens, split_budget
+from hivtp_vllm.pruning import num_retained, select_tokens, split_budget
+from tests.reference_scores import transformers_scores
 
 SIZES = [(336, 336), (672, 336), (1000, 400), (300, 1200), (200, 150)]  # (width, height)
 BASE = 576
@@ -134,14 +135,7 @@ def next_llm(tiny_next):
 def transformers_tile_scores(checkpoint, pixel_values: torch.Tensor) -> torch.Tensor:
     from transformers import LlavaNextForConditionalGeneration
 
-    model = LlavaNextForConditionalGeneration.from_pretrained(
-        checkpoint, dtype=torch.float32, attn_implementation="eager"
-    )
-    tower = model.model.vision_tower
-    with torch.no_grad():
-        out = tower(pixel_values, output_attentions=True)
-    start, count = default_band(tower.config.num_hidden_layers)
-    return torch.stack(out.attentions[start : start + count]).mean(dim=(0, 2, 3))[:, 1:]
+    return transformers_scores(LlavaNextForConditionalGeneration, checkpoint, pixel_values)
 
 
 def test_kept_embeddings_and_newlines(next_llm, tiny_next):

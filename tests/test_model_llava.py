@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import LlavaForConditionalGeneration
 
 from hivtp_vllm.local_server import in_process_llm
-from hivtp_vllm.pruning import default_band, select_tokens
+from hivtp_vllm.pruning import select_tokens
+from tests.reference_scores import transformers_scores
 
 pytestmark = pytest.mark.server
 
@@ -28,21 +30,6 @@ def pixel_values() -> torch.Tensor:
     return torch.randn(3, 3, 336, 336, generator=gen)
 
 
-def transformers_scores(checkpoint, pixel_values: torch.Tensor) -> torch.Tensor:
-    """The spec's score, computed independently from transformers' attentions."""
-    from transformers import LlavaForConditionalGeneration
-
-    model = LlavaForConditionalGeneration.from_pretrained(
-        checkpoint, dtype=torch.float32, attn_implementation="eager"
-    )
-    tower = model.model.vision_tower
-    with torch.no_grad():
-        out = tower(pixel_values, output_attentions=True)
-    start, count = default_band(tower.config.num_hidden_layers)
-    band = torch.stack(out.attentions[start : start + count])  # [q, B, heads, S, S]
-    return band.mean(dim=(0, 2, 3))[:, 1:]  # over layers, heads, queries; drop CLS
-
-
 def test_scores_match_transformers(llm, tiny_llava, pixel_values):
     def scores_in_vllm(model):
         pv = pixel_values.to(model.vision_tower.dtype)
@@ -51,7 +38,7 @@ def test_scores_match_transformers(llm, tiny_llava, pixel_values):
         return model.hivtp_recorder.patch_scores().cpu()
 
     (ours,) = llm.apply_model(scores_in_vllm)
-    expected = transformers_scores(tiny_llava, pixel_values)
+    expected = transformers_scores(LlavaForConditionalGeneration, tiny_llava, pixel_values)
     assert ours.shape == (3, 576)
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-7)
     # Scores are attention mass: the patches' share of every query's unit sum.

@@ -25,6 +25,10 @@ logger = init_logger(__name__)
 class HivtpModelMixin:
     """Set-up and kwargs handling shared by the LLaVA model overrides."""
 
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._hivtp_setup(vllm_config)
+
     def _hivtp_setup(self, vllm_config) -> None:
         """Read the server options; hook the band if the tower can be pruned."""
         from hivtp_vllm import metrics

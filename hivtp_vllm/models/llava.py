@@ -12,7 +12,6 @@ from __future__ import annotations
 import time
 
 import torch
-from vllm.config import VllmConfig
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings
 from vllm.model_executor.models.llava import LlavaForConditionalGeneration
 from vllm.multimodal import MULTIMODAL_REGISTRY
@@ -32,10 +31,6 @@ from hivtp_vllm.processor import (
 )
 class HivtpLlavaForConditionalGeneration(HivtpModelMixin, LlavaForConditionalGeneration):
     """LLaVA-1.5 whose image embeddings are pruned to the processor's K."""
-
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._hivtp_setup(vllm_config)
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
         image_input, budgets, fractions = self._hivtp_inputs(kwargs)

@@ -19,7 +19,6 @@ from transformers.models.llava_next.modeling_llava_next import (
     get_anyres_image_grid_shape,
     unpad_image,
 )
-from vllm.config import VllmConfig
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings
 from vllm.model_executor.models.llava_next import LlavaNextForConditionalGeneration
 from vllm.multimodal import MULTIMODAL_REGISTRY
@@ -68,10 +67,6 @@ def newline_layout(kept: torch.Tensor, height: int, width: int) -> torch.Tensor:
 )
 class HivtpLlavaNextForConditionalGeneration(HivtpModelMixin, LlavaNextForConditionalGeneration):
     """LLaVA-NeXT whose base view and high-res grid are pruned to the processor's K."""
-
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._hivtp_setup(vllm_config)
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
         image_input, budgets, fractions = self._hivtp_inputs(kwargs)
