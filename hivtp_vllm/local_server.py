@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +52,24 @@ def image_data_url(seed: int, width: int = 336, height: int = 336) -> str:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def read_stream(lines: Iterable[bytes]) -> tuple[float | None, dict]:
+    """Consume an OpenAI chat completion stream (server-sent events).
+
+    Returns the ``perf_counter`` time of the first chunk that carries content
+    (None if none did) and the usage of the final chunk.
+    """
+    first, usage = None, {}
+    for line in lines:
+        if not line.startswith(b"data: ") or line == b"data: [DONE]":
+            continue
+        chunk = json.loads(line[6:])
+        deltas = (c.get("delta", {}) for c in chunk.get("choices", []))
+        if first is None and any(d.get("content") for d in deltas):
+            first = time.perf_counter()
+        usage = chunk.get("usage") or usage
+    return first, usage
 
 
 @contextlib.contextmanager
@@ -184,24 +202,15 @@ class VllmServer:
         if mm_kwargs is not None:
             body["mm_processor_kwargs"] = mm_kwargs
         start = time.perf_counter()
-        ttft = None
-        usage: dict = {}
         with requests.post(
             self.url + "/v1/chat/completions", json=body, stream=True, timeout=600
         ) as response:
             response.raise_for_status()
-            for line in response.iter_lines():
-                if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if ttft is None and any(
-                    c.get("delta", {}).get("content") for c in chunk.get("choices", [])
-                ):
-                    ttft = time.perf_counter() - start
-                usage = chunk.get("usage") or usage
-        latency = time.perf_counter() - start
+            first, usage = read_stream(response.iter_lines())
+        end = time.perf_counter()
+        latency = end - start
         return {
-            "ttft": latency if ttft is None else ttft,
+            "ttft": (first or end) - start,
             "latency": latency,
             "prompt_tokens": usage.get("prompt_tokens", 0),
             "completion_tokens": usage.get("completion_tokens", 0),

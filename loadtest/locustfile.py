@@ -21,12 +21,13 @@ from __future__ import annotations
 import base64
 import io
 import itertools
-import json
 import time
 from pathlib import Path
 
 from locust import HttpUser, events, task
 from PIL import Image
+
+from hivtp_vllm.local_server import read_stream
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "shapes.png"
 
@@ -103,8 +104,6 @@ class ChatUser(HttpUser):
         if self.extra:
             body["mm_processor_kwargs"] = self.extra
         start = time.perf_counter()
-        first = None
-        usage: dict = {}
         try:
             with self.client.post(
                 "/v1/chat/completions",
@@ -116,15 +115,7 @@ class ChatUser(HttpUser):
                 if response.status_code != 200:
                     response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
                     return
-                for line in response.iter_lines():
-                    if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                        continue
-                    chunk = json.loads(line[6:])
-                    if first is None and any(
-                        c.get("delta", {}).get("content") for c in chunk.get("choices", [])
-                    ):
-                        first = time.perf_counter()
-                    usage = chunk.get("usage") or usage
+                first, usage = read_stream(response.iter_lines())
                 response.success()
         except Exception as exc:  # a disconnect mid-stream is a failed request
             self._record("E2E", (time.perf_counter() - start) * 1e3, 0, exc)

@@ -189,3 +189,11 @@ def test_server_default_ratio_and_request_override(server_factory, tiny_llava, s
     assert prompt_tokens(server.chat(IMAGES[:1], {"hivtp_num_tokens": 10})) == full - (GRID - 10)
     assert prompt_tokens(server.chat(IMAGES[:1], {"hivtp_retain_ratio": 1.0})) == full
     server.stop()
+
+
+def test_streamed_timing_reports_the_pruned_prompt(plugin_server, stock_server):
+    full = prompt_tokens(stock_server.chat(IMAGES[:1]))
+    timed = plugin_server.timed_stream(IMAGES[:1], {"hivtp_retain_ratio": 0.25}, max_tokens=3)
+    assert timed["prompt_tokens"] == full - (GRID - 144)
+    assert timed["completion_tokens"] == 3
+    assert 0 < timed["ttft"] <= timed["latency"]
