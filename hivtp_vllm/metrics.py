@@ -44,7 +44,8 @@ PRUNING_HELP = "Time spent scoring and selecting visual tokens in the model, per
 
 _lock = threading.Lock()
 _frontend: tuple[Counter, Counter, Histogram] | None = None
-_pruning: dict[str, object] = {}
+_pruning: dict[str, object] = {}  # model name -> where its pruning time goes
+_pruning_metric: Histogram | None = None
 _collector_registered = False
 
 
@@ -131,17 +132,18 @@ class SnapshotHistogram:
 
 def pruning_histogram(model_name: str):
     """Where the model observes its pruning time (worker side)."""
+    global _pruning_metric
     with _lock:
         if model_name not in _pruning:
             directory = snapshot_dir()
             if directory is not None:
                 _pruning[model_name] = SnapshotHistogram(directory, model_name)
             else:
-                if "_metric" not in _pruning:
-                    _pruning["_metric"] = Histogram(
+                if _pruning_metric is None:
+                    _pruning_metric = Histogram(
                         PRUNING, PRUNING_HELP, ["model_name"], buckets=SECONDS_BUCKETS
                     )
-                _pruning[model_name] = _pruning["_metric"].labels(model_name)
+                _pruning[model_name] = _pruning_metric.labels(model_name)
         return _pruning[model_name]
 
 

@@ -180,9 +180,7 @@ class HivtpProcessorMixin:
                 continue  # referenced by uuid, pixels not at hand
             size = images.get_image_size(i)
             sizes, extra = info.hivtp_views(image_width=size.width, image_height=size.height)
-            budgets, _ = info.hivtp_budgets(
-                image_width=size.width, image_height=size.height, request=request
-            )
+            budgets = request.view_budgets(sizes)  # valid: apply() just used them
             totals.append(sum(sizes) + extra)
             kept.append(sum(budgets) + extra)
             ratios.append(sum(budgets) / sum(sizes))
