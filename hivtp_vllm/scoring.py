@@ -22,7 +22,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-__all__ = ["received_attention", "ReceivedAttention", "check_band"]
+__all__ = ["received_attention", "mean_patch_scores", "ReceivedAttention", "check_band"]
 
 # Logit elements held at once, per device: on a CPU, query blocks that fit
 # in cache run about twice as fast as one [B, heads, S, S] block; a GPU
@@ -72,6 +72,17 @@ def received_attention(
     return received.reshape(b, num_heads, s).sum(dim=1)
 
 
+def mean_patch_scores(total: torch.Tensor, num_layers: int, num_heads: int) -> torch.Tensor:
+    """The spec's score from summed received attention: ``[B, S]`` -> ``[B, S - 1]``.
+
+    ``total`` is :func:`received_attention` added up over ``num_layers``
+    layers of ``num_heads`` heads; dividing by layers x heads x queries
+    (``S``) gives the mean, and the CLS column is dropped. Shared by the
+    server's recorder and ``hivtp-vllm explain`` so both score alike.
+    """
+    return total[:, 1:] / (num_layers * num_heads * total.shape[1])
+
+
 class ReceivedAttention:
     """Collects :func:`received_attention` from attention modules in one forward.
 
@@ -81,6 +92,14 @@ class ReceivedAttention:
     ``total_heads`` the model's full count, used for the mean. ``rows``
     restricts the work to the images that are pruned; ``reduce`` adds up the
     partial sums across shards (identity on one worker).
+
+    vLLM's two ways of running the tower over tensor-parallel workers map to
+    the two ways partial results are combined: sharded heads (vLLM's
+    default, ``--mm-encoder-tp-mode weights``) give each worker a slice of
+    every image's heads, added up by ``reduce``; a sharded batch
+    (``--mm-encoder-tp-mode data``) gives each worker all heads of a slice of
+    the images, concatenated by :meth:`sharded_batch`. Either way every
+    worker ends with the scores one worker would compute.
     """
 
     def __init__(
@@ -99,6 +118,7 @@ class ReceivedAttention:
         self.reduce = reduce
         self._sum: torch.Tensor | None = None
         self._rows: torch.Tensor | None = None
+        self._recording = False
         self.seconds = 0.0  # host time spent scoring in the last recording
 
     def _hook(self, module: nn.Module, args: tuple) -> None:
@@ -115,16 +135,45 @@ class ReceivedAttention:
         """Listen to the band's modules for the duration of one tower forward."""
         self._sum, self._rows, self.seconds = None, rows, 0.0
         handles = [m.register_forward_pre_hook(self._hook) for m in self.modules]
+        self._recording = True
         try:
             yield self
         finally:
+            self._recording = False
             for handle in handles:
                 handle.remove()
+
+    @contextmanager
+    def sharded_batch(
+        self, gather: Callable[[torch.Tensor], torch.Tensor], total: int
+    ) -> Iterator[None]:
+        """The tower runs on this worker's slice of the batch, not all of it.
+
+        For vLLM's data-parallel encoder: the batch (padded to a multiple of
+        the workers) is split in equal consecutive slices, one per worker.
+        Inside, every local row is scored (the recorded ``rows`` index the
+        whole batch, not the slice; scoring an unpruned image costs about 1%
+        of its tower pass); on exit ``gather`` concatenates the workers'
+        slices in order, the padding is cut to ``total`` rows and the
+        recorded rows are kept. Outside a recording it does nothing, so the
+        stock path can run through it. Every worker must enter it, as every
+        worker runs the same forward.
+        """
+        if not self._recording:
+            yield
+            return
+        rows, self._rows = self._rows, None
+        try:
+            yield
+        finally:
+            self._rows = rows
+        if self._sum is not None:
+            full = gather(self._sum)[:total]
+            self._sum = full if rows is None else full[rows.to(full.device)]
 
     def patch_scores(self) -> torch.Tensor:
         """Mean received attention per patch, ``[B, S - 1]`` (CLS dropped)."""
         if self._sum is None:
             raise RuntimeError("no attention was recorded: the band's layers did not run")
         total = self._sum if self.reduce is None else self.reduce(self._sum)
-        seq = total.shape[1]
-        return total[:, 1:] / (len(self.modules) * self.total_heads * seq)
+        return mean_patch_scores(total, len(self.modules), self.total_heads)

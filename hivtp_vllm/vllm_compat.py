@@ -7,6 +7,9 @@ so they are accepted without that flag. vLLM offers no extension point for
 this check, so :func:`allow_hivtp_request_kwargs` wraps the one function that
 makes it, in the modules that call it. Other keys are still handed to vLLM's
 own check, unchanged, and rejected exactly as before.
+
+Also here: :func:`let_vllm_limit_image_size`, so an image too large to decode
+gets vLLM's own 400 rather than a 500 (see there).
 """
 
 from __future__ import annotations
@@ -79,3 +82,22 @@ def allow_hivtp_request_kwargs() -> None:
         current = module.validate_request_mm_kwargs
         if not hasattr(current, "hivtp_original"):
             module.validate_request_mm_kwargs = _wrap(current)
+
+
+def let_vllm_limit_image_size() -> None:
+    """Leave the decoded-size limit to vLLM's own check, which answers 400.
+
+    vLLM 0.32 opens an image with PIL, then refuses it with a ``ValueError``
+    (HTTP 400) if ``width * height > VLLM_MAX_IMAGE_PIXELS``, before decoding.
+    But PIL's ``Image.open`` has a guard of its own that fires first, at
+    ``2 * PIL.Image.MAX_IMAGE_PIXELS`` (178,956,970 pixels, vLLM's default
+    too), and raises ``DecompressionBombError``, which is not an ``OSError``:
+    vLLM does not catch it and the client gets HTTP 500 for its own mistake.
+    Where vLLM's check is on, PIL's is redundant, so it is turned off (a
+    documented PIL setting); with ``VLLM_MAX_IMAGE_PIXELS=0`` PIL's stays.
+    """
+    from PIL import Image
+    from vllm import envs
+
+    if envs.VLLM_MAX_IMAGE_PIXELS > 0:
+        Image.MAX_IMAGE_PIXELS = None

@@ -14,6 +14,11 @@ Each request streams; three series are recorded as locust requests:
 
 Images come from a small set the script makes itself (the project's example
 picture at several sizes), so runs are reproducible and need no download.
+
+``--record FILE`` also appends one JSON line per request (start time, TTFT,
+end-to-end time, prompt and output tokens, error): locust rounds its
+percentiles to two significant digits, too coarse to compare phases within
+10%, so the phase runner (``loadtest/runner.py``) computes its own.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import base64
 import io
 import itertools
+import json
 import time
 from pathlib import Path
 
@@ -44,6 +50,7 @@ def _options(parser) -> None:
     )
     group.add_argument("--prompt", default="Describe the picture in detail.")
     group.add_argument("--max-tokens", type=int, default=32)
+    group.add_argument("--record", default="", help="append one JSON line per request here")
 
 
 def image_set(sizes: str) -> list[str]:
@@ -75,6 +82,16 @@ class ChatUser(HttpUser):
         self.model = options.model or self.client.get("/v1/models").json()["data"][0]["id"]
         self.images = itertools.cycle(image_set(options.image_sizes))
         self.extra = mm_kwargs(options)
+        self.log = open(options.record, "a", buffering=1) if options.record else None
+
+    def on_stop(self) -> None:
+        if self.log:
+            self.log.close()
+
+    def _log(self, start: float, **fields: object) -> None:
+        if self.log:
+            wall = time.time() - (time.perf_counter() - start)
+            self.log.write(json.dumps({"start": wall, **fields}) + "\n")
 
     def _record(self, name: str, value_ms: float, length: int, exc: Exception | None) -> None:
         self.environment.events.request.fire(
@@ -113,16 +130,26 @@ class ChatUser(HttpUser):
                 name="request",
             ) as response:
                 if response.status_code != 200:
-                    response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
+                    error = f"HTTP {response.status_code}: {response.text[:200]}"
+                    response.failure(error)
+                    self._log(start, error=error)
                     return
                 first, usage = read_stream(response.iter_lines())
                 response.success()
         except Exception as exc:  # a disconnect mid-stream is a failed request
             self._record("E2E", (time.perf_counter() - start) * 1e3, 0, exc)
+            self._log(start, error=repr(exc))
             return
         end = time.perf_counter()
         first = end if first is None else first
         output = usage.get("completion_tokens", 0)
+        self._log(
+            start,
+            ttft=first - start,
+            e2e=end - start,
+            prompt_tokens=usage.get("prompt_tokens", 0),
+            output_tokens=output,
+        )
         self._record("TTFT", (first - start) * 1e3, usage.get("prompt_tokens", 0), None)
         self._record("E2E", (end - start) * 1e3, output, None)
         if output > 1 and end > first:

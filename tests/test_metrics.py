@@ -3,30 +3,11 @@
 from __future__ import annotations
 
 import pytest
-import requests
-from prometheus_client.parser import text_string_to_metric_families
 
 from hivtp_vllm.local_server import image_data_url
+from hivtp_vllm.local_server import metric as value
 
 pytestmark = pytest.mark.server
-
-
-def scrape(server) -> dict[str, dict[tuple, float]]:
-    """{sample name: {labels: value}} from the server's /metrics text."""
-    text = requests.get(server.url + "/metrics", timeout=30).text
-    out: dict[str, dict[tuple, float]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "le"))
-            if "le" in sample.labels:
-                labels += (("le", sample.labels["le"]),)
-            out.setdefault(sample.name, {})[labels] = sample.value
-    return out
-
-
-def value(metrics, name: str, **labels) -> float:
-    want = tuple(sorted(labels.items()))
-    return sum(v for k, v in metrics.get(name, {}).items() if set(want) <= set(k))
 
 
 @pytest.mark.parametrize("api_servers", [1, 2])
@@ -39,7 +20,7 @@ def test_counts_are_exact_and_startup_counts_nothing(server_factory, tiny_llava,
         str(api_servers),
     )
     model = {"model_name": str(tiny_llava)}
-    before = scrape(server)
+    before = server.scrape()
     assert any(name.startswith("vllm:") for name in before)  # vLLM's own series are intact
     # The start-up warm-up and profiling ran on dummy images: nothing counted.
     assert value(before, "hivtp_images_total", **model) == 0
@@ -56,7 +37,7 @@ def test_counts_are_exact_and_startup_counts_nothing(server_factory, tiny_llava,
     assert server.chat([image_data_url(6)], {"hivtp_retain_ratio": 7}).status_code == 400
     assert server.completion("no image here", max_tokens=2).status_code == 200
 
-    after = scrape(server)
+    after = server.scrape()
     images = sum(len(i) for i, _, _ in sent)
     assert value(after, "hivtp_images_total", **model) == images
     assert value(after, "hivtp_visual_tokens_total", kind="input", **model) == 576 * images

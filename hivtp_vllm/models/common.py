@@ -4,6 +4,14 @@ The vision tower runs once, as in stock vLLM; while it runs, the middle
 band's attention modules are listened to for scores (hivtp_vllm.scoring).
 Selection is the pure spec code (hivtp_vllm.pruning), batched over the images
 that share a grid and a budget.
+
+Under tensor parallelism every worker runs this code on the same batch and
+must select the same tokens. vLLM's CLIP either splits its heads over the
+workers (``--mm-encoder-tp-mode weights``, the default: partial scores are
+all-reduced) or is replicated on each worker (``--mm-encoder-tp-mode data``:
+each worker encodes a slice of the images and the slices, features and
+scores, are all-gathered). Stock vLLM's LLaVA does not offer the data mode;
+these models do.
 """
 
 from __future__ import annotations
@@ -12,14 +20,21 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from vllm.distributed import tensor_model_parallel_all_reduce
+from vllm.distributed import (
+    get_tensor_model_parallel_world_size,
+    tensor_model_parallel_all_gather,
+    tensor_model_parallel_all_reduce,
+)
 from vllm.logger import init_logger
+from vllm.model_executor.models.vision import run_dp_sharded_vision_model
 
 from hivtp_vllm import params
 from hivtp_vllm.pruning import default_band, select_tokens_batched
 from hivtp_vllm.scoring import ReceivedAttention, check_band
 
-logger = init_logger(__name__)
+# Under vLLM's logger, so the messages print where and when vLLM's do (a
+# logger outside the ``vllm`` tree has no handler in vLLM's processes).
+logger = init_logger(f"vllm.{__name__}")
 
 
 class HivtpModelMixin:
@@ -42,12 +57,40 @@ class HivtpModelMixin:
             mm_config.mm_processor_kwargs if mm_config else None
         )
         self.hivtp_recorder = None
+        self.hivtp_data_parallel = False
         if supports_pruning(self.config):
             vision = self.config.vision_config
             self.hivtp_side = vision.image_size // vision.patch_size
             self.hivtp_recorder = build_recorder(
                 self.vision_tower.vision_model, vision.num_hidden_layers, self.hivtp_server
             )
+            # vLLM builds CLIP unsharded in data mode (is_vit_use_data_parallel);
+            # the batch is split only where that is so, since a sharded tower
+            # fed different images on each worker would mix them in its
+            # all-reduces.
+            self.hivtp_data_parallel = (
+                mm_config is not None
+                and mm_config.mm_encoder_tp_mode == "data"
+                and get_tensor_model_parallel_world_size() > 1
+                and self.hivtp_recorder.num_heads == self.hivtp_recorder.total_heads
+            )
+
+    def _image_pixels_to_features(
+        self, vision_tower: nn.Module, pixel_values: torch.Tensor | list[torch.Tensor]
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """vLLM's tower call; in data mode, over this worker's slice of the batch.
+
+        Each worker encodes ``ceil(n / workers)`` images (the batch is padded
+        with blank images) and the features are all-gathered, as vLLM does for
+        the models that support the mode; an active score recording gathers
+        its scores the same way (:meth:`ReceivedAttention.sharded_batch`).
+        LLaVA-NeXT's tiles are split like images.
+        """
+        run = super()._image_pixels_to_features
+        if not self.hivtp_data_parallel or not isinstance(pixel_values, torch.Tensor):
+            return run(vision_tower, pixel_values)
+        with self.hivtp_recorder.sharded_batch(_gather_batch, pixel_values.shape[0]):
+            return run_dp_sharded_vision_model(pixel_values, lambda x: run(vision_tower, x))
 
     def _hivtp_inputs(self, kwargs: dict) -> tuple[object, list[list[int]] | None, list[float]]:
         """(image input, kept counts per image and view, global fractions).
@@ -78,6 +121,11 @@ class HivtpModelMixin:
             self.hivtp_pruning_time.observe(self.hivtp_recorder.seconds + selection_seconds)
 
 
+def _gather_batch(local: torch.Tensor) -> torch.Tensor:
+    """The workers' equal slices of a batch, concatenated in worker order."""
+    return tensor_model_parallel_all_gather(local.contiguous(), dim=0)
+
+
 def build_recorder(
     vision_model: nn.Module, num_layers_total: int, server: params.ServerOptions
 ) -> ReceivedAttention:
@@ -103,12 +151,13 @@ def build_recorder(
     local_heads = first.num_heads_per_partition
     sharded = local_heads != first.num_heads
     logger.info(
-        "hivtp: scoring from vision layers [%d, %d) of %d run, %d/%d heads per worker",
+        "hivtp: scoring from vision layers [%d, %d) of %d run, %d/%d heads per worker%s",
         start,
         start + count,
         len(layers),
         local_heads,
         first.num_heads,
+        ", partial scores all-reduced" if sharded else "",
     )
     return ReceivedAttention(
         [a.attn for a in attention],

@@ -32,6 +32,12 @@ from hivtp_vllm.processor import (
 class HivtpLlavaForConditionalGeneration(HivtpModelMixin, LlavaForConditionalGeneration):
     """LLaVA-1.5 whose image embeddings are pruned to the processor's K."""
 
+    # vLLM keeps ``--mm-encoder-tp-mode data`` only for a model class that
+    # declares it (stock LLaVA falls back to "weights"); the mixin's
+    # _image_pixels_to_features implements it. Declared here, not in the
+    # mixin: vLLM caches this flag keyed on the hash of this file alone.
+    supports_encoder_tp_data = True
+
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
         image_input, budgets, fractions = self._hivtp_inputs(kwargs)
         if image_input is None:

@@ -15,10 +15,6 @@ from __future__ import annotations
 import time
 
 import torch
-from transformers.models.llava_next.modeling_llava_next import (
-    get_anyres_image_grid_shape,
-    unpad_image,
-)
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings
 from vllm.model_executor.models.llava_next import LlavaNextForConditionalGeneration
 from vllm.multimodal import MULTIMODAL_REGISTRY
@@ -29,23 +25,7 @@ from hivtp_vllm.processor import (
     HivtpLlavaNextProcessingInfo,
     LlavaDummyInputsBuilder,
 )
-
-
-def stitch(tiles: torch.Tensor, tile_grid: tuple[int, int], image_size: tuple[int, int]):
-    """Tiles ``[n, side*side, C]`` -> the unpadded high-res grid ``[H', W', C]``.
-
-    The same view/permute/unpad that vLLM applies to the tiles' features, so
-    scores and features land on the same positions.
-    """
-    rows, cols = tile_grid
-    side = int(tiles.shape[1] ** 0.5)
-    grid = (
-        tiles[: rows * cols]
-        .view(rows, cols, side, side, -1)
-        .permute(4, 0, 2, 1, 3)
-        .reshape(-1, rows * side, cols * side)
-    )
-    return unpad_image(grid, image_size).permute(1, 2, 0)
+from hivtp_vllm.views import highres_layout, stitch
 
 
 def newline_layout(kept: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -67,6 +47,12 @@ def newline_layout(kept: torch.Tensor, height: int, width: int) -> torch.Tensor:
 )
 class HivtpLlavaNextForConditionalGeneration(HivtpModelMixin, LlavaNextForConditionalGeneration):
     """LLaVA-NeXT whose base view and high-res grid are pruned to the processor's K."""
+
+    # vLLM keeps ``--mm-encoder-tp-mode data`` only for a model class that
+    # declares it (stock LLaVA falls back to "weights"); the mixin's
+    # _image_pixels_to_features implements it. Declared here, not in the
+    # mixin: vLLM caches this flag keyed on the hash of this file alone.
+    supports_encoder_tp_data = True
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
         image_input, budgets, fractions = self._hivtp_inputs(kwargs)
@@ -122,11 +108,11 @@ class HivtpLlavaNextForConditionalGeneration(HivtpModelMixin, LlavaNextForCondit
 
     def _views(self, image_size: torch.Tensor) -> tuple[tuple[int, int], list[int]]:
         """(tile grid, unpruned size of each view) of one image, as vLLM lays it out."""
-        height, width = image_size.tolist()
-        tile_grid = get_anyres_image_grid_shape(
-            (height, width), self.config.image_grid_pinpoints, self.config.vision_config.image_size
-        )
         side = self.hivtp_side
-        grid = torch.empty(1, tile_grid[0] * side, tile_grid[1] * side)
-        unpadded = unpad_image(grid, (height, width)).shape[1:]
-        return tile_grid, [side * side, unpadded[0] * unpadded[1]]
+        tile_grid, (height, width) = highres_layout(
+            tuple(image_size.tolist()),
+            self.config.image_grid_pinpoints,
+            self.config.vision_config.image_size,
+            side,
+        )
+        return tile_grid, [side * side, height * width]

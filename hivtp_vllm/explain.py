@@ -1,0 +1,408 @@
+"""``hivtp-vllm explain``: what HIVTP keeps of an image, as a picture and JSON.
+
+Before switching pruning on, a user wants to see which patches of their own
+images survive at a given ratio. This module answers with the server's own
+pieces, not a re-implementation: the image goes through the checkpoint's own
+image processor, the CLIP tower runs on the checkpoint's own weights
+(:mod:`hivtp_vllm.tower`), the band's attention is scored by the server's
+:func:`hivtp_vllm.scoring.received_attention`, budgets come from
+:class:`hivtp_vllm.params.PruningRequest` (a LLaVA-NeXT budget is split over
+base view and high-res grid exactly as the processor splits it), views are
+laid out by :mod:`hivtp_vllm.views` as the model lays them out, and tokens
+are picked by :func:`hivtp_vllm.pruning.select_tokens`. No vLLM import.
+
+Per image it writes ``<stem>.hivtp.png`` (:mod:`hivtp_vllm.heatmap`) and
+``<stem>.hivtp.json``: per request the grid, K and kept flat indices of each
+view, where each grid sits in the picture, and the scores.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from hivtp_vllm import params
+from hivtp_vllm.heatmap import Panel, View, render
+from hivtp_vllm.pruning import select_tokens
+from hivtp_vllm.tower import BandScorer, Checkpoint, ExplainError, open_checkpoint, progress
+from hivtp_vllm.views import stitch
+
+__all__ = ["ExplainError", "DEFAULT_RATIOS", "explain", "parse_requests", "parse_value"]
+
+DEFAULT_RATIOS = (0.5, 0.25, 0.1)
+VIEW_NAMES = {"base": "base view", "highres": "high-res grid"}
+
+
+# -- inputs ----------------------------------------------------------------
+
+
+def parse_value(value: object) -> object:
+    """A command-line string as the JSON number it spells, else unchanged.
+
+    Whatever is not a number then reaches :mod:`hivtp_vllm.params`, which
+    refuses it with the message the server gives a client.
+    """
+    if not isinstance(value, str):
+        return value
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def parse_requests(
+    ratios: Sequence[object], num_tokens: Sequence[object], default: params.PruningRequest
+) -> list[params.PruningRequest]:
+    """One pruning request per panel, validated as a request's keys are."""
+    out = [params.parse_request({params.RATIO: parse_value(r)}, default) for r in ratios]
+    out += [params.parse_request({params.NUM_TOKENS: parse_value(k)}, default) for k in num_tokens]
+    return out
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image the way vLLM does: RGB, transparency over white."""
+    path = Path(path)
+    if path.is_dir():
+        raise ExplainError(f"{path}: is a directory, not an image")
+    if not path.exists():
+        raise ExplainError(f"{path}: no such file")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            transparent = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+            if image.mode == "RGB" or not transparent:
+                return image.convert("RGB")
+            rgba = image.convert("RGBA")
+            rgb = Image.new("RGB", rgba.size, (255, 255, 255))
+            rgb.paste(rgba, mask=rgba.split()[3])
+            return rgb
+    except UnidentifiedImageError:
+        raise ExplainError(f"{path}: not an image (Pillow cannot identify it)") from None
+    except (OSError, Image.DecompressionBombError) as exc:
+        raise ExplainError(f"{path}: cannot read the image ({exc})") from None
+
+
+# -- one image -------------------------------------------------------------
+
+
+def _to_uint8(pixels: torch.Tensor, processor) -> torch.Tensor:
+    """Preprocessed ``[3, H, W]`` back to displayable ``[H, W, 3]`` uint8."""
+    x = pixels.float()
+    if getattr(processor, "do_normalize", False):
+        mean = torch.tensor(processor.image_mean, dtype=torch.float32)[:, None, None]
+        std = torch.tensor(processor.image_std, dtype=torch.float32)[:, None, None]
+        x = x * std + mean
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
+
+
+def _patches(tiles: torch.Tensor, patch: int) -> torch.Tensor:
+    """``[n, 3, S, S]`` -> ``[n, (S/p)^2, 3*p*p]``: each patch's pixels as its channels.
+
+    In this form :func:`hivtp_vllm.views.stitch` places pixels exactly where
+    it places the patches' scores.
+    """
+    n, c, size, _ = tiles.shape
+    side = size // patch
+    return (
+        tiles.view(n, c, side, patch, side, patch)
+        .permute(0, 2, 4, 1, 3, 5)
+        .reshape(n, side * side, c * patch * patch)
+    )
+
+
+def _unpatch(grid: torch.Tensor, patch: int) -> torch.Tensor:
+    """``[H, W, 3*p*p]`` -> the image ``[3, H*p, W*p]``."""
+    h, w, _ = grid.shape
+    return grid.view(h, w, 3, patch, patch).permute(2, 0, 3, 1, 4).reshape(3, h * patch, w * patch)
+
+
+def _heat(scores: torch.Tensor) -> torch.Tensor:
+    """Importance rank in [0, 1] (1 = best), ties as selection breaks them.
+
+    Ranks, not raw scores: a few tokens take most of CLIP's attention, and
+    selection only ever compares ranks.
+    """
+    flat = scores.reshape(-1).double()
+    order = torch.sort(flat, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(flat.numel())
+    return (1 - rank.double() / max(1, flat.numel() - 1)).view(scores.shape)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What one request keeps of one image: K and kept indices per view."""
+
+    request: params.PruningRequest
+    num_keep: list[int]
+    kept: list[torch.Tensor]
+
+    @property
+    def label(self) -> str:
+        if self.request.num_tokens is not None:
+            return f"k = {self.request.num_tokens}"
+        return f"r = {self.request.retain_ratio:g}"
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """Scores per view (named, ``[H, W]``), their pixels, and each selection."""
+
+    names: list[str]
+    scores: list[torch.Tensor]
+    pixels: list[torch.Tensor]
+    tile_grid: tuple[int, int] | None
+    selections: list[Selection]
+
+
+def explain_image(
+    checkpoint: Checkpoint,
+    scorer: BandScorer,
+    processor,
+    image: Image.Image,
+    asks: Sequence[params.PruningRequest],
+    regions: tuple[int, int],
+) -> ImageResult:
+    """Score one image's views and run every request's selection on them.
+
+    LLaVA-NeXT: the processor's tiles are the base view and the high-res
+    tiles; scores (and pixels) of the latter are stitched and unpadded by
+    the model's own function, with the processor's ``image_sizes``.
+    """
+    batch = processor(images=[image], return_tensors="pt")
+    tile_grid, shapes = checkpoint.layout(image)
+    tiles = batch["pixel_values"]
+    if tile_grid is not None:
+        tiles = tiles[0][: 1 + tile_grid[0] * tile_grid[1]]
+    scores = scorer(tiles)
+    side, patch = checkpoint.side, checkpoint.config.vision_config.patch_size
+    grids = [scores[0].view(side, side)]
+    pixels = [_to_uint8(tiles[0], processor)]
+    if tile_grid is not None:
+        size = tuple(int(x) for x in batch["image_sizes"][0])
+        grids.append(stitch(scores[1:, :, None], tile_grid, size)[..., 0])
+        picture = stitch(_patches(tiles[1:].float(), patch), tile_grid, size)
+        pixels.append(_to_uint8(_unpatch(picture, patch), processor))
+    if [tuple(g.shape) for g in grids] != shapes:
+        raise RuntimeError(f"views {[tuple(g.shape) for g in grids]} are not {shapes}")
+    sizes = [g.numel() for g in grids]
+    selections = []
+    for ask in asks:
+        num_keep = ask.view_budgets(sizes)
+        kept = [
+            select_tokens(g, k, regions=regions, global_fraction=ask.global_fraction)
+            for g, k in zip(grids, num_keep, strict=True)
+        ]
+        selections.append(Selection(ask, num_keep, kept))
+    names = ["base", "highres"][: len(grids)]
+    return ImageResult(names, grids, pixels, tile_grid, selections)
+
+
+# -- output ----------------------------------------------------------------
+
+
+def _panels(result: ImageResult) -> list[Panel]:
+    total = sum(g.numel() for g in result.scores)
+    panels = []
+    for s in result.selections:
+        captions = [
+            f"{VIEW_NAMES[n]} {g.shape[0]} x {g.shape[1]}: K = {k} of {g.numel()}"
+            for n, g, k in zip(result.names, result.scores, s.num_keep, strict=True)
+        ]
+        title = f"{s.label}: K = {' + '.join(map(str, s.num_keep))} of {total}"
+        panels.append(Panel(title, s.kept, captions if len(captions) > 1 else []))
+    return panels
+
+
+def _document(result: ImageResult, layout: list[dict]) -> dict:
+    """The JSON's views and selections; ``layout`` is where render put each grid."""
+    views = []
+    for name, grid in zip(result.names, result.scores, strict=True):
+        view = {"name": name, "grid": list(grid.shape), "tokens": grid.numel()}
+        if name == "highres":
+            view["tile_grid"] = list(result.tile_grid)
+        views.append({**view, "scores": grid.reshape(-1).tolist()})
+    selections = []
+    for s, placed in zip(result.selections, layout, strict=True):
+        ask = s.request
+        selections.append(
+            {
+                "label": s.label,
+                "retain_ratio": ask.retain_ratio,
+                "num_tokens": ask.num_tokens,
+                "global_fraction": ask.global_fraction,
+                "K": sum(s.num_keep),
+                "panel_box": placed["box"],
+                "views": [
+                    {
+                        "name": v["name"],
+                        "grid": v["grid"],
+                        "K": k,
+                        "kept": kept.tolist(),
+                        "png_box": box,
+                    }
+                    for v, k, kept, box in zip(
+                        views, s.num_keep, s.kept, placed["views"], strict=True
+                    )
+                ],
+            }
+        )
+    return {"views": views, "selections": selections}
+
+
+def _to_json(value: object, depth: int = 0) -> str:
+    """JSON with one key per line but each list of numbers on one line.
+
+    ``json.dumps(indent=...)`` would put every kept index and every score on
+    a line of its own: thousands of lines nobody can read.
+    """
+    pad, inner = "  " * depth, "  " * (depth + 1)
+    if isinstance(value, dict) and value:
+        items = [f"{inner}{json.dumps(k)}: {_to_json(v, depth + 1)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    if isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
+        items = [inner + _to_json(v, depth + 1) for v in value]
+        return "[\n" + ",\n".join(items) + "\n" + pad + "]"
+    return json.dumps(value)
+
+
+def _stems(images: Sequence[str | Path]) -> list[str]:
+    """Output names: the image's stem, ``-2``, ``-3``... where stems repeat."""
+    seen: dict[str, int] = {}
+    out = []
+    for image in images:
+        stem = Path(image).stem
+        seen[stem] = seen.get(stem, 0) + 1
+        out.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+    return out
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything checked before the tower is read: a bad input costs little."""
+
+    server: params.ServerOptions
+    asks: list[params.PruningRequest]
+    checkpoint: Checkpoint
+    band: tuple[int, int]
+    images: list[Image.Image]
+
+
+def _plan(
+    model: str,
+    images: Sequence[str | Path],
+    ratios: Sequence[object],
+    num_tokens: Sequence[object],
+    options: Mapping[str, object] | None,
+    device: str,
+) -> _Plan:
+    server = params.parse_server(options)
+    if not ratios and not num_tokens:
+        ratios = DEFAULT_RATIOS
+    asks = parse_requests(ratios, num_tokens, server.default)
+    if not images:
+        raise ExplainError("no image given")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ExplainError(f"unknown torch device {device!r} (try cpu or cuda)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ExplainError(f"device {device!r} asked for, but torch sees no CUDA device")
+    checkpoint = open_checkpoint(model)
+    band = checkpoint.band(server)
+    loaded = [load_image(path) for path in images]
+    for path, image in zip(images, loaded, strict=True):
+        shapes = checkpoint.layout(image)[1]
+        sizes = [h * w for h, w in shapes]
+        if min(sizes) < 1:  # LLaVA-NeXT unpads a sliver of an image to nothing
+            raise ExplainError(
+                f"{path}: {image.width} x {image.height} px leaves an empty "
+                f"{shapes[-1][0]} x {shapes[-1][1]} high-resolution grid; the model cannot "
+                "take an image this thin"
+            )
+        for ask in asks:
+            try:
+                ask.view_budgets(sizes)  # a budget may fit one image and not another
+            except params.HivtpParamError as exc:
+                raise params.HivtpParamError(exc.key, f"{path}: {exc}") from None
+    return _Plan(server, asks, checkpoint, band, loaded)
+
+
+def explain(
+    model: str,
+    images: Sequence[str | Path],
+    *,
+    ratios: Sequence[object] = (),
+    num_tokens: Sequence[object] = (),
+    options: Mapping[str, object] | None = None,
+    out_dir: str | Path = ".",
+    device: str = "cpu",
+    show_progress: bool | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[tuple[Path, Path]]:
+    """Write ``<stem>.hivtp.png`` and ``<stem>.hivtp.json`` per image; return their paths.
+
+    ``ratios`` and ``num_tokens`` (numbers or their strings) give one panel
+    each, ratios first; neither means 0.5, 0.25 and 0.1. ``options`` are the
+    server's keys (``hivtp_regions``, ``hivtp_layer_start``,
+    ``hivtp_num_layers``, ``hivtp_global_fraction``). Every input is checked
+    before the tower is read, and nothing is written for a bad one.
+    """
+    if log is None:
+        from tqdm.auto import tqdm
+
+        log = tqdm.write  # prints above a progress bar, not through it
+    plan = _plan(model, images, ratios, num_tokens, options, device)
+    checkpoint, band = plan.checkpoint, plan.band
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    processor = checkpoint.image_processor()
+    start = time.perf_counter()
+    scorer = BandScorer(checkpoint, band, device, show_progress)
+    last = sum(band) - 1
+    log(f"{checkpoint.label}: vision layers 0-{last} read in {time.perf_counter() - start:.1f} s")
+    legend = (
+        f"importance: attention received in vision layers {band[0]}-{last}, ranked   "
+        "outlined: kept   dimmed: pruned"
+    )
+    about = {
+        "checkpoint": checkpoint.name,
+        "architecture": checkpoint.architecture,
+        "layer_start": band[0],
+        "num_layers": band[1],
+        "regions": list(plan.server.regions),
+    }
+    written = []
+    items = zip(images, plan.images, _stems(images), strict=True)
+    show = show_progress if len(images) > 1 else False
+    for path, image, stem in progress(items, total=len(images), desc="explain", show=show):
+        start = time.perf_counter()
+        result = explain_image(checkpoint, scorer, processor, image, plan.asks, plan.server.regions)
+        header = (
+            f"{Path(path).name} ({image.width} x {image.height} px) as {checkpoint.label} "
+            "sees it, after its own image processor"
+        )
+        picture, layout = render(header, legend, _views(result), _panels(result))
+        png, report = out / f"{stem}.hivtp.png", out / f"{stem}.hivtp.json"
+        picture.save(png)
+        document = {"image": str(path), "image_size": [image.width, image.height], **about}
+        document |= {"png": png.name, **_document(result, layout)}
+        report.write_text(_to_json(document) + "\n")
+        log(f"{path}: wrote {png} and {report} in {time.perf_counter() - start:.1f} s")
+        written.append((png, report))
+    return written
+
+
+def _views(result: ImageResult) -> list[View]:
+    return [
+        View(name, pixels, _heat(grid))
+        for name, pixels, grid in zip(result.names, result.pixels, result.scores, strict=True)
+    ]

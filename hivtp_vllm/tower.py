@@ -1,0 +1,371 @@
+"""A LLaVA checkpoint's CLIP tower, scoring patches, without vLLM or the LM.
+
+``hivtp-vllm explain`` must score with the server's own formula on the
+checkpoint's own weights, but it should not need vLLM, a GPU or the 7B
+language model. So this module reads only the vision tower's tensors from
+the safetensors files (a directory, or just the needed files from the hub),
+builds transformers' ``CLIPVisionModel`` from ``config.vision_config`` cut
+after the scoring band's last layer (later layers cannot change the score),
+and feeds the band's queries and keys to the server's
+:func:`hivtp_vllm.scoring.received_attention`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors import safe_open
+from torch import nn
+
+from hivtp_vllm import MODELS, params
+from hivtp_vllm.pruning import default_band
+from hivtp_vllm.scoring import check_band, mean_patch_scores, received_attention
+from hivtp_vllm.views import highres_layout, layers_run, supports_pruning
+
+__all__ = [
+    "ExplainError",
+    "Checkpoint",
+    "BandScorer",
+    "tap_band",
+    "open_checkpoint",
+    "resolve",
+    "progress",
+]
+
+# Checkpoint keys of the vision tower, in the hub layout (what vLLM loads and
+# checkpoints.py writes) and in the layouts newer transformers save; what
+# follows the prefix, less a leading "vision_model.", is the key in
+# transformers' CLIPVisionModel.
+_TOWER_PREFIXES = ("model.vision_tower.", "vision_tower.")
+_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+class ExplainError(ValueError):
+    """Bad input to ``explain``: the command reports it as one line."""
+
+
+def progress(items: Iterable, *, total: int, desc: str, show: bool | None, delay: float = 0):
+    """tqdm on stderr; ``show=None`` shows it only on a terminal (tqdm's rule)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        items,
+        total=total,
+        desc=desc,
+        delay=delay,
+        file=sys.stderr,
+        disable=None if show is None else not show,
+        leave=False,
+    )
+
+
+def _tower_key(name: str) -> str | None:
+    """The CLIPVisionModel key of a checkpoint tensor, or None if not the tower's."""
+    for prefix in _TOWER_PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix) :].removeprefix("vision_model.")
+    return None
+
+
+def resolve(name: str) -> Path:
+    """A checkpoint directory, or a hub repository fetched without its LM.
+
+    From the hub only the configs and the safetensors shards that hold
+    vision-tower tensors are downloaded (a sharded LLaVA keeps the tower in
+    one shard); with ``HF_HUB_OFFLINE=1`` they must already be cached.
+    """
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ExplainError(f"{name}: not a checkpoint directory")
+    if not _REPO_ID.match(name):
+        raise ExplainError(f"{name}: no such checkpoint directory")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    def fetch(filename: str) -> Path:
+        return Path(hf_hub_download(name, filename))
+
+    try:
+        folder = fetch("config.json").parent
+        for optional in ("preprocessor_config.json", "processor_config.json"):
+            try:
+                fetch(optional)
+            except EntryNotFoundError:
+                pass
+        try:
+            index = json.loads(fetch("model.safetensors.index.json").read_text())
+            shards = {f for key, f in index["weight_map"].items() if _tower_key(key)}
+        except EntryNotFoundError:
+            shards = {"model.safetensors"}
+        for shard in sorted(shards):
+            fetch(shard)
+    except (OSError, ValueError) as exc:  # hub errors: offline, not found, gated...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ExplainError(
+            f"{name}: no such checkpoint directory, and the Hugging Face hub could not "
+            f"provide it ({first})"
+        ) from None
+    return folder
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A LLaVA or LLaVA-NeXT checkpoint, as far as explain needs it."""
+
+    name: str
+    path: Path
+    config: object
+    architecture: str
+
+    @property
+    def label(self) -> str:
+        """Short name for pictures: a directory's name, or the hub name."""
+        return self.path.name if Path(self.name).expanduser().is_dir() else self.name
+
+    @property
+    def is_next(self) -> bool:
+        return self.architecture == "LlavaNextForConditionalGeneration"
+
+    @property
+    def side(self) -> int:
+        """Patch grid of one tile (24 for CLIP-L/14 at 336 px)."""
+        vision = self.config.vision_config
+        return vision.image_size // vision.patch_size
+
+    def layout(self, image: Image.Image) -> tuple[tuple[int, int] | None, list[tuple[int, int]]]:
+        """(tile grid or None, grid shape of each view) of an image of this size.
+
+        LLaVA-1.5: one ``side x side`` view. LLaVA-NeXT: the base view and the
+        unpadded high-res grid, laid out by the function the model uses.
+        """
+        base = (self.side, self.side)
+        if not self.is_next:
+            return None, [base]
+        tile_grid, highres = highres_layout(
+            (image.height, image.width),
+            self.config.image_grid_pinpoints,
+            self.config.vision_config.image_size,
+            self.side,
+        )
+        return tile_grid, [base, highres]
+
+    def band(self, server: params.ServerOptions) -> tuple[int, int]:
+        """(first layer, layer count) scored, defaults and checks as the server's."""
+        start, count = default_band(self.config.vision_config.num_hidden_layers)
+        if server.layer_start is not None:
+            start = server.layer_start
+        if server.num_layers is not None:
+            count = server.num_layers
+        try:
+            check_band(start, count, layers_run(self.config))
+        except ValueError as exc:
+            raise ExplainError(str(exc)) from None
+        return start, count
+
+    def image_processor(self):
+        """The checkpoint's own image processor, loaded as vLLM's HF processor loads it."""
+        from transformers import AutoImageProcessor
+
+        try:
+            return AutoImageProcessor.from_pretrained(self.path)
+        except (OSError, ValueError) as exc:
+            raise ExplainError(f"{self.name}: cannot load its image processor ({exc})") from None
+
+
+def open_checkpoint(name: str) -> Checkpoint:
+    """Resolve ``name`` and refuse, in one line, anything HIVTP cannot prune."""
+    path = resolve(name)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ExplainError(f"{name}: no config.json, not a Hugging Face checkpoint directory")
+    try:
+        raw = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise ExplainError(f"{config_file}: cannot read it ({exc})") from None
+    archs = (raw.get("architectures") or []) if isinstance(raw, dict) else []
+    arch = next((a for a in archs if a in MODELS), None)
+    if arch is None:
+        raise ExplainError(
+            f"{name}: unsupported architecture {', '.join(map(str, archs)) or '(none given)'}; "
+            f"explain supports {', '.join(MODELS)}"
+        )
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ExplainError(f"{name}: cannot load config.json ({exc})") from None
+    if not supports_pruning(config):
+        vision = type(getattr(config, "vision_config", None)).__name__
+        strategy = getattr(config, "vision_feature_select_strategy", None)
+        raise ExplainError(
+            f"{name}: hivtp needs a CLIP vision tower with vision_feature_select_strategy="
+            f"'default'; this checkpoint has {vision} and {strategy!r}"
+        )
+    return Checkpoint(name, path, config, arch)
+
+
+def _weight_files(path: Path) -> dict[str, Path]:
+    """Checkpoint key -> safetensors file, for the vision tower's tensors only."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {k: path / f for k, f in weight_map.items() if _tower_key(k)}
+    single = path / "model.safetensors"
+    if single.is_file():
+        with safe_open(str(single), "pt") as f:
+            return {k: single for k in f.keys() if _tower_key(k)}
+    raise ExplainError(
+        f"{path}: no model.safetensors or model.safetensors.index.json "
+        "(explain reads safetensors weights only)"
+    )
+
+
+def _read_tower(
+    checkpoint: Checkpoint, wanted: dict[str, torch.Tensor], show: bool | None
+) -> dict[str, torch.Tensor]:
+    """The tensors of ``wanted`` (a state dict's keys and shapes), as float32."""
+    by_file: dict[Path, list[tuple[str, str]]] = {}
+    for key, file in _weight_files(checkpoint.path).items():
+        target = _tower_key(key)
+        target = target if target in wanted else f"vision_model.{target}"
+        if target in wanted:
+            by_file.setdefault(file, []).append((key, target))
+    total = sum(len(keys) for keys in by_file.values())
+    state: dict[str, torch.Tensor] = {}
+    with progress(range(total), total=total, desc="vision tower", show=show, delay=1.0) as bar:
+        for file, keys in by_file.items():
+            with safe_open(str(file), "pt") as f:
+                for key, target in keys:
+                    state[target] = f.get_tensor(key).float()
+                    bar.update()
+    missing = sorted(set(wanted) - set(state))
+    if missing:
+        raise ExplainError(
+            f"{checkpoint.name}: the vision tower's weights lack {len(missing)} tensors "
+            f"(first: {missing[0]})"
+        )
+    for key, tensor in state.items():
+        if tensor.shape != wanted[key].shape:
+            raise ExplainError(
+                f"{checkpoint.name}: {key} has shape {tuple(tensor.shape)}, the config "
+                f"says {tuple(wanted[key].shape)}"
+            )
+    return state
+
+
+class BandScorer:
+    """The checkpoint's CLIP tower up to the band's last layer, scoring patches.
+
+    Built from ``config.vision_config`` with only ``start + count`` layers and
+    only those layers' tensors read (in float32, on ``device``). The band's
+    query and key projections are tapped with forward hooks and fed to the
+    server's :func:`received_attention`; the attention itself runs however
+    transformers likes (SDPA), since its probabilities are recomputed.
+    """
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        band: tuple[int, int],
+        device: str = "cpu",
+        show_progress: bool | None = None,
+    ) -> None:
+        from transformers import CLIPVisionModel
+
+        try:
+            from transformers.initialization import no_init_weights
+        except ImportError:  # older transformers: random init first, slower, same result
+            no_init_weights = nullcontext
+        self.start, self.count = band
+        vision = copy.deepcopy(checkpoint.config.vision_config)
+        vision.num_hidden_layers = self.start + self.count
+        with no_init_weights():  # every weight is read from the checkpoint next
+            model = CLIPVisionModel(vision)
+        # Only the pooled output goes through the last norm, and nothing here
+        # uses it: not reading it lets a checkpoint that dropped it work too.
+        model.post_layernorm = nn.Identity()
+        model.load_state_dict(
+            _read_tower(checkpoint, model.state_dict(), show_progress), assign=True
+        )
+        self.model = model.to(device).eval()
+        self.device = device
+        inner = getattr(self.model, "vision_model", self.model)  # older transformers nest it
+        layers = inner.encoder.layers
+        self.attention = [layers[i].self_attn for i in range(self.start, self.start + self.count)]
+        self.num_heads = self.attention[0].num_heads
+        self.scale = self.attention[0].scale
+
+    @torch.no_grad()
+    def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Scores ``[T, N]`` for ``T`` tiles ``[T, 3, size, size]``, CLS dropped."""
+        with tap_band(self.attention) as taps:
+            self.model(pixel_values=pixel_values.to(self.device, torch.float32))
+        return taps.patch_scores().cpu()
+
+
+class BandTaps:
+    """What :func:`tap_band` heard: the band's summed received attention."""
+
+    def __init__(self, num_layers: int, num_heads: int) -> None:
+        self.num_layers, self.num_heads = num_layers, num_heads
+        self.total: torch.Tensor | None = None
+        self.seconds = 0.0  # host time spent in received_attention
+
+    def patch_scores(self) -> torch.Tensor:
+        """Mean received attention per patch, ``[B, N]`` (CLS dropped)."""
+        if self.total is None:
+            raise RuntimeError("no attention was heard: the band's layers did not run")
+        return mean_patch_scores(self.total, self.num_layers, self.num_heads)
+
+
+@contextmanager
+def tap_band(attention: Sequence[nn.Module]) -> Iterator[BandTaps]:
+    """Score from transformers' ``CLIPAttention`` modules during one forward.
+
+    transformers calls its attention kernel as a function, not a module, so
+    the server's pre-hook on vLLM's attention module has no twin here; the
+    band's ``q_proj`` and ``k_proj`` outputs are the same query and key
+    tensors, and feed the same :func:`received_attention`. Also used by the
+    GPU benchmark on a full transformers LLaVA.
+    """
+    first = attention[0]
+    taps = BandTaps(len(attention), first.num_heads)
+    queries: dict[int, torch.Tensor] = {}
+
+    def keep_query(i: int):
+        def hook(module, args, output):
+            queries[i] = output
+
+        return hook
+
+    def score_key(i: int):
+        def hook(module, args, output):
+            start = time.perf_counter()
+            part = received_attention(queries.pop(i), output, first.num_heads, first.scale)
+            taps.total = part if taps.total is None else taps.total + part
+            taps.seconds += time.perf_counter() - start
+
+        return hook
+
+    handles = []
+    for i, module in enumerate(attention):  # the band's few layers, not tokens
+        handles.append(module.q_proj.register_forward_hook(keep_query(i)))
+        handles.append(module.k_proj.register_forward_hook(score_key(i)))
+    try:
+        yield taps
+    finally:
+        for handle in handles:
+            handle.remove()

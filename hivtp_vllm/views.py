@@ -1,0 +1,83 @@
+"""The grids HIVTP selects on, per LLaVA family (torch and transformers only).
+
+A *view* is one grid of patch tokens that selection runs on: LLaVA-1.5 has
+one per image (the 24 x 24 of CLIP-L at 336 px); LLaVA-NeXT has two, the
+base view and the high-resolution grid stitched from its tiles and unpadded
+to the image's aspect ratio. The model (vLLM glue) and ``hivtp-vllm
+explain`` (no vLLM) both lay views out with the functions here, so the
+picture that explain draws is the grid the server selects on. transformers
+is imported where it is used: it takes seconds to import, and the command
+line should refuse a bad ratio before paying for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["supports_pruning", "layers_run", "highres_layout", "stitch"]
+
+
+def supports_pruning(hf_config: object) -> bool:
+    """HIVTP needs a CLIP grid without CLS among the features ("default")."""
+    from transformers import CLIPVisionConfig
+
+    return (
+        isinstance(getattr(hf_config, "vision_config", None), CLIPVisionConfig)
+        and getattr(hf_config, "vision_feature_select_strategy", None) == "default"
+    )
+
+
+def layers_run(hf_config: object) -> int:
+    """Encoder layers the served tower runs: up to the deepest feature layer.
+
+    vLLM builds LLaVA's CLIP only up to ``vision_feature_layer`` (the
+    second-to-last of 24 for LLaVA-1.5, so 23), and the scoring band must lie
+    inside those layers; negative indices count from the end, ``-1`` being
+    the last layer.
+    """
+    total = hf_config.vision_config.num_hidden_layers  # type: ignore[attr-defined]
+    feature = hf_config.vision_feature_layer  # type: ignore[attr-defined]
+    layers = [feature] if isinstance(feature, int) else list(feature)
+    return max(x + total + 1 if x < 0 else x for x in layers)
+
+
+def highres_layout(
+    image_size: tuple[int, int], grid_pinpoints: Sequence[Sequence[int]], tile_size: int, side: int
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(tile grid (rows, cols), unpadded high-res grid (H', W')) of one image.
+
+    ``image_size`` is the original (height, width), as the image processor
+    reports it in ``image_sizes``; ``side`` is the patch grid of one tile.
+    The shape comes from transformers' own ``unpad_image`` on an empty grid,
+    so it is by construction the shape that :func:`stitch` produces.
+    """
+    from transformers.models.llava_next.modeling_llava_next import (
+        get_anyres_image_grid_shape,
+        unpad_image,
+    )
+
+    rows, cols = get_anyres_image_grid_shape(image_size, grid_pinpoints, tile_size)
+    grid = unpad_image(torch.empty(1, rows * side, cols * side), image_size)
+    return (rows, cols), (grid.shape[1], grid.shape[2])
+
+
+def stitch(tiles: torch.Tensor, tile_grid: tuple[int, int], image_size: tuple[int, int]):
+    """Tiles ``[n, side*side, C]`` -> the unpadded high-res grid ``[H', W', C]``.
+
+    The same view/permute/unpad that vLLM applies to the tiles' features, so
+    scores and features land on the same positions. ``C`` may be anything
+    per patch: a score, a feature vector, or a patch's pixels.
+    """
+    from transformers.models.llava_next.modeling_llava_next import unpad_image
+
+    rows, cols = tile_grid
+    side = int(tiles.shape[1] ** 0.5)
+    grid = (
+        tiles[: rows * cols]
+        .view(rows, cols, side, side, -1)
+        .permute(4, 0, 2, 1, 3)
+        .reshape(-1, rows * side, cols * side)
+    )
+    return unpad_image(grid, image_size).permute(1, 2, 0)
