@@ -14,6 +14,9 @@ Each request streams; three series are recorded as locust requests:
 
 Images come from a small set the script makes itself (the project's example
 picture at several sizes), so runs are reproducible and need no download.
+Each request's image gets a unique stamp (a few pixels in a corner) unless
+``--repeat-images``: vLLM caches an image's encoder output and its prompt's
+KV by content, so a repeated image measures those caches, not the work.
 
 ``--record FILE`` also appends one JSON line per request (start time, TTFT,
 end-to-end time, prompt and output tokens, error): locust rounds its
@@ -51,18 +54,34 @@ def _options(parser) -> None:
     group.add_argument("--prompt", default="Describe the picture in detail.")
     group.add_argument("--max-tokens", type=int, default=32)
     group.add_argument("--record", default="", help="append one JSON line per request here")
+    group.add_argument(
+        "--repeat-images", action="store_true", help="send the image set as is (cache hits)"
+    )
 
 
-def image_set(sizes: str) -> list[str]:
-    """Data URLs of the example picture resized to each ``WxH``."""
+def image_set(sizes: str) -> list[Image.Image]:
+    """The example picture resized to each ``WxH``."""
     base = Image.open(EXAMPLE).convert("RGB")
-    urls = []
+    images = []
     for size in sizes.split(","):
         width, height = (int(x) for x in size.lower().split("x"))
-        buf = io.BytesIO()
-        base.resize((width, height)).save(buf, format="PNG")
-        urls.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
-    return urls
+        images.append(base.resize((width, height)))
+    return images
+
+
+_STAMPS = itertools.count()
+
+
+def data_url(image: Image.Image, unique: bool = True) -> str:
+    """A PNG data URL; ``unique`` stamps a process-wide counter into 4 pixels."""
+    if unique:
+        image = image.copy()
+        n = next(_STAMPS)
+        for i in range(4):  # 4 pixels x 8 bits: 2**32 distinct stamps
+            image.putpixel((i, 0), ((n >> (8 * i)) & 255, 0, 0))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def mm_kwargs(options) -> dict | None:
@@ -81,6 +100,7 @@ class ChatUser(HttpUser):
         self.options = options
         self.model = options.model or self.client.get("/v1/models").json()["data"][0]["id"]
         self.images = itertools.cycle(image_set(options.image_sizes))
+        self.repeated = {}  # image -> data URL, with --repeat-images
         self.extra = mm_kwargs(options)
         self.log = open(options.record, "a", buffering=1) if options.record else None
 
@@ -92,6 +112,13 @@ class ChatUser(HttpUser):
         if self.log:
             wall = time.time() - (time.perf_counter() - start)
             self.log.write(json.dumps({"start": wall, **fields}) + "\n")
+
+    def _url(self, image: Image.Image) -> str:
+        if not self.options.repeat_images:
+            return data_url(image)
+        if id(image) not in self.repeated:
+            self.repeated[id(image)] = data_url(image, unique=False)
+        return self.repeated[id(image)]
 
     def _record(self, name: str, value_ms: float, length: int, exc: Exception | None) -> None:
         self.environment.events.request.fire(
@@ -106,7 +133,7 @@ class ChatUser(HttpUser):
     @task
     def chat(self) -> None:
         content = [
-            {"type": "image_url", "image_url": {"url": next(self.images)}}
+            {"type": "image_url", "image_url": {"url": self._url(next(self.images))}}
             for _ in range(self.options.images)
         ]
         content.append({"type": "text", "text": self.options.prompt})

@@ -313,6 +313,43 @@ def soak(server: VllmServer, duration: float, clients: int, stock: bool = False)
     }
 
 
+def report(summary: dict, control: dict | None, command: str) -> str:
+    """The soak's section of docs/benchmarks.md."""
+    from benchmarks.report import machine
+
+    counts = summary["counts"]
+    bad = sorted(k.removeprefix("bad: ") for k in counts if k.startswith("bad: "))
+    lines = [
+        "## Soak: mixed good, bad and dropped requests",
+        "",
+        f"Command: `{command}` (script: `loadtest/soak.py`).",
+        f"Machine: {machine()}; `tiny` LLaVA-1.5, vLLM CPU build.",
+        "",
+        f"{summary['duration_s']:.0f} s, {counts.get('good', 0)} good requests (mixed ratios and "
+        f"budgets, 1-2 images, streaming or not), {counts.get('bad', 0)} bad ones "
+        f"({', '.join(bad)}), {counts.get('dropped', 0)} streams dropped after the first "
+        f"token; {counts.get('failures', 0)} failures.",
+        "",
+        "| check | result |",
+        "|---|---|",
+        *(f"| {name} | {'pass' if ok else 'FAIL'} |" for name, ok in summary["checks"].items()),
+        "",
+        f"hivtp metrics against what was sent: {summary['metrics']} vs {summary['sent']}.",
+        "",
+        "Resident memory, MiB, growth from the second quarter of the run to the last "
+        f"(limit {RSS_GROWTH_LIMIT_MIB} MiB a process):",
+        "",
+        "| process | first | last | growth |" + (" stock vLLM growth |" if control else ""),
+        "|---|---|---|---|" + ("---|" if control else ""),
+    ]
+    for name, series in summary["rss_mib"].items():
+        row = f"| {name} | {series[0]} | {series[-1]} | {summary['rss_grown_mib'][name]:+.0f} |"
+        if control:
+            row += f" {control['rss_grown_mib'].get(name, float('nan')):+.0f} |"
+        lines.append(row)
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=float, default=600, help="seconds, at most 600")
@@ -322,6 +359,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--server-arg", action="append", default=[], help="extra vLLM option (repeatable)"
     )
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="write a section into docs/benchmarks.md (with --control: a --stock run's JSON)",
+    )
+    parser.add_argument("--control", type=Path, help="JSON of a --stock run, for the report")
     parser.add_argument(
         "--stock", action="store_true", help="control run: vLLM without the plugin, no hivtp keys"
     )
@@ -350,6 +393,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(text)
     print(text)
+    if args.report:
+        from benchmarks.report import write_section
+
+        control = json.loads(args.control.read_text()) if args.control else None
+        command = ".venv/bin/python loadtest/soak.py " + " ".join(argv or sys.argv[1:])
+        write_section("soak", report(summary, control, command.strip()))
     return 0 if summary["passed"] else 1
 
 
