@@ -386,7 +386,7 @@ def charts(
             xs = [kept_share(p) for p in pruned]
             ax.plot(xs, [results[p.name][key] for p in pruned], marker, label=f"HIVTP {name}")
             for p, x in zip(pruned, xs, strict=True):
-                if p.name.startswith("k"):
+                if p.name.startswith("k") and marker == "o-":  # label the first series only
                     ax.annotate(p.label(), (x, results[p.name][key]), fontsize=7)
             if ceiling:
                 ax.plot(

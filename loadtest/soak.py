@@ -234,11 +234,16 @@ def rss_growth(samples: list[dict[str, int]]) -> dict[str, float]:
     return grown
 
 
-# Resident memory may settle (allocator arenas, caches filling) but not climb,
-# in any of the server's processes. Measured (docs/benchmarks.md, soak): vLLM
-# 0.32's own API server grows by tens of kB per request without the plugin
-# too (``--stock``), which a 10-minute soak can push past this limit.
+# Resident memory may settle but not climb, in any of the server's processes.
+# Measured (docs/benchmarks.md, soak): vLLM 0.32's own API server grows by tens
+# of kB per request without the plugin too (``--stock``).
 RSS_GROWTH_LIMIT_MIB = 64
+# oneDNN (torch's CPU matmuls) caches a compiled primitive per input shape, up
+# to 1,024 by default. Pruned prompts come in more lengths than full ones, so
+# with the plugin that cache takes minutes to fill and the worker grows by
+# ~170 MiB meanwhile, then stops: bounded, but in a short soak it looks like a
+# leak and would hide one. The soak's server keeps that cache small.
+ONEDNN_CACHE = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "16"}
 
 
 def soak(server: VllmServer, duration: float, clients: int, stock: bool = False) -> dict:
@@ -383,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.stock:
         options += ["--mm-processor-kwargs", json.dumps({"hivtp_retain_ratio": SERVER_RATIO})]
     server = VllmServer(model, options + args.server_arg, plugin=not args.stock)
+    for key, value in ONEDNN_CACHE.items():  # the server inherits this environment
+        os.environ.setdefault(key, value)
     print(f"[soak] starting vLLM on {server.url} ({model})", flush=True)
     server.start()
     try:
