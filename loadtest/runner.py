@@ -83,6 +83,14 @@ class Phase:
             return ["--hivtp-num-tokens", self.name[1:]]
         return ["--hivtp-ratio", self.name]
 
+    def mm_kwargs(self) -> dict | None:
+        """The request's ``mm_processor_kwargs``, as the locust file sends them."""
+        if self.is_ceiling:
+            return None
+        if self.name.startswith("k"):
+            return {"hivtp_num_tokens": int(self.name[1:])}
+        return {"hivtp_retain_ratio": float(self.name)}
+
     def label(self) -> str:
         if self.is_ceiling:
             return "ceiling (168 px, no plugin)"
@@ -264,13 +272,7 @@ def warm_up(server: VllmServer, phases: list[Phase]) -> None:
     from hivtp_vllm.local_server import image_data_url
 
     for i, phase in enumerate(phases):
-        extra = dict(zip(phase.locust_args()[::2], phase.locust_args()[1::2], strict=True))
-        kwargs = None
-        if "--hivtp-ratio" in extra:
-            kwargs = {"hivtp_retain_ratio": float(extra["--hivtp-ratio"])}
-        elif "--hivtp-num-tokens" in extra:
-            kwargs = {"hivtp_num_tokens": int(extra["--hivtp-num-tokens"])}
-        server.timed_stream([image_data_url(9000 + i)], kwargs, max_tokens=4)
+        server.timed_stream([image_data_url(9000 + i)], phase.mm_kwargs(), max_tokens=4)
 
 
 def median_of(runs: list[dict[str, float]]) -> dict[str, float]:

@@ -26,6 +26,9 @@ def test_phases_parse_and_refuse_with_the_allowed_forms():
     assert runner.Phase.parse("k64").locust_args() == ["--hivtp-num-tokens", "64"]
     assert runner.Phase.parse("0.5").locust_args() == ["--hivtp-ratio", "0.5"]
     assert runner.Phase.parse("ceiling").locust_args() == []
+    assert runner.Phase.parse("k64").mm_kwargs() == {"hivtp_num_tokens": 64}
+    assert runner.Phase.parse("0.5").mm_kwargs() == {"hivtp_retain_ratio": 0.5}
+    assert runner.Phase.parse("ceiling").mm_kwargs() is None
     for bad in ("0", "1.5", "k0", "kx", "half"):
         with pytest.raises(Exception, match=r"ratio in \(0, 1\], kN"):
             runner.Phase.parse(bad)
