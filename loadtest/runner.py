@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import machine, write_section  # noqa: E402
-from hivtp_vllm.local_server import VllmServer, metric  # noqa: E402
+from hivtp_vllm.tools.local_server import VllmServer, metric  # noqa: E402
 
 LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
 SECTION = "load-llava-1.5"
@@ -269,7 +269,7 @@ def run_phase(server: VllmServer, phase: Phase, load: Load, workdir: Path) -> di
 
 def warm_up(server: VllmServer, phases: list[Phase]) -> None:
     """First requests compile kernels and fill caches: keep them out of phase 1."""
-    from hivtp_vllm.local_server import image_data_url
+    from hivtp_vllm.tools.local_server import image_data_url
 
     for i, phase in enumerate(phases):
         server.timed_stream([image_data_url(9000 + i)], phase.mm_kwargs(), max_tokens=4)
@@ -465,7 +465,7 @@ def report(
 
 
 def ensure_models(models: Path, size: str) -> tuple[Path, Path]:
-    from hivtp_vllm.checkpoints import make_checkpoint
+    from hivtp_vllm.tools.checkpoints import make_checkpoint
 
     model, ceiling = models / f"{size}-llava", models / f"{size}-llava-168"
     if not (model / "config.json").exists():

@@ -4,7 +4,8 @@
     .venv/bin/python loadtest/soak.py --duration 60         # short form (a test)
 
 Several client threads send, round-robin from a fixed seeded schedule:
-good requests (no option, r = 1.0 / 0.5 / 0.25, k = 64, one or two images,
+good requests (no option, r = 1.0 / 0.5 / 0.25, k = 64, one or two images
+of ordinary and extreme shapes such as 1 x 1, 2 x 900 and 3000 x 50,
 streaming or not), bad requests (bad hivtp values, a server-only key, broken
 image data, an image far too large, an unknown URL scheme, more images than
 the server allows), and streams the client drops after the first token.
@@ -39,12 +40,25 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hivtp_vllm.local_server import VllmServer, image_data_url, metric, read_stream  # noqa: E402
+from hivtp_vllm.tools.local_server import VllmServer, image_data_url, metric, read_stream  # noqa: E402
 
 TOKENS_PER_IMAGE = 576  # LLaVA-1.5, 336 px: 24 x 24
 SERVER_RATIO = 0.5  # the soak server's default, for requests that set nothing
 MAX_IMAGES = 2
-SIZES = ((336, 336), (500, 375), (320, 480), (640, 640))  # the good images
+# The good images: ordinary ones and the extreme shapes that once took a
+# server down (issue 10); LLaVA-1.5 gives each 576 tokens whatever its shape.
+SIZES = (
+    (336, 336),
+    (500, 375),
+    (320, 480),
+    (640, 640),
+    (1, 1),
+    (2, 900),
+    (900, 2),
+    (13, 7),
+    (50, 3000),
+    (3000, 50),
+)
 # Kept tokens per image for each good setting, written out from the spec
 # (K = floor(r * 576 + 1/2); k as given), not computed by the code under test.
 PRUNED = {
@@ -379,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model = args.model
     if model is None:
-        from hivtp_vllm.checkpoints import make_checkpoint
+        from hivtp_vllm.tools.checkpoints import make_checkpoint
 
         model = ROOT / ".cache" / "models" / "tiny-llava"
         if not (model / "config.json").exists():

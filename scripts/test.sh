@@ -1,15 +1,23 @@
 #!/usr/bin/env bash
 # Run every check: lint, the test suite on vLLM's CPU build (real servers),
-# and the processor-level tests against vLLM's GPU build (no GPU needed).
+# and the processor-level tests against each supported GPU build of vLLM (no
+# GPU needed). HIVTP_SKIP_GPU_BUILD=1 skips the GPU builds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The tests run against every GPU build (each in .venv-gpu-X.Y/, made by
+# scripts/setup.sh gpu X.Y.Z): the ones that need no server and no GPU.
+GPU_BUILD_TESTS=(tests/test_processor.py tests/test_params.py tests/test_pruning.py tests/test_compat.py
+  tests/test_select_compile.py)
+GPU_BUILDS=(0.32.0 0.33.0)
 export HF_HUB_OFFLINE=1
 bash scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
 if [ "${HIVTP_SKIP_GPU_BUILD:-0}" != 1 ]; then
-  bash scripts/setup.sh gpu
-  .venv-gpu/bin/python -m pytest -q -p no:cacheprovider \
-    tests/test_processor.py tests/test_params.py tests/test_pruning.py
+  for version in "${GPU_BUILDS[@]}"; do
+    bash scripts/setup.sh gpu "$version"
+    echo "[test] processor-level tests on vLLM $version (GPU build)"
+    ".venv-gpu-${version%.*}/bin/python" -m pytest -q -p no:cacheprovider "${GPU_BUILD_TESTS[@]}"
+  done
 fi

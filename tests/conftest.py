@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hivtp_vllm.local_server import VllmServer
+from hivtp_vllm.tools.local_server import VllmServer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random LLaVA-1.5 checkpoint in the real hub layout (336 px, 24x24)."""
-    from hivtp_vllm.checkpoints import make_checkpoint
+    from hivtp_vllm.tools.checkpoints import make_checkpoint
 
     return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-llava", size="tiny")
 

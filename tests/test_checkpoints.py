@@ -6,7 +6,7 @@ import json
 
 from safetensors import safe_open
 
-from hivtp_vllm.checkpoints import flops_per_image, make_checkpoint
+from hivtp_vllm.tools.checkpoints import flops_per_image, make_checkpoint
 
 
 def test_tiny_llava_layout_and_loading(tiny_llava):
@@ -49,7 +49,7 @@ def test_same_seed_same_bytes(tmp_path):
 def test_bench_language_model_dominates(tmp_path):
     from transformers import AutoConfig
 
-    from hivtp_vllm.checkpoints import build_config, build_tokenizer
+    from hivtp_vllm.tools.checkpoints import build_config, build_tokenizer
 
     config = build_config("llava", "bench", 336, build_tokenizer())
     flops = flops_per_image(config)

@@ -38,7 +38,7 @@ import requests
 import tomllib
 import yaml
 
-from hivtp_vllm.local_server import image_data_url
+from hivtp_vllm.tools.local_server import image_data_url
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -111,7 +111,9 @@ def test_dockerfile_pins_the_supported_vllm_and_drops_root():
 
     steps = dockerfile_instructions()
     froms = [args for keyword, args in steps if keyword == "FROM"]
-    assert froms == [f"vllm/vllm-openai:v{SUPPORTED_VLLM[-1]}"]
+    assert froms == ["vllm/vllm-openai:v${VLLM_VERSION}"]
+    # The release is a build argument, the newest supported one by default.
+    assert ("ARG", f"VLLM_VERSION={SUPPORTED_VLLM[-1]}") in steps[: steps.index(("FROM", froms[0]))]
     users = [args for keyword, args in steps if keyword == "USER"]
     assert users and users[-1] not in ("root", "0")
     runs = " ".join(args for keyword, args in steps if keyword == "RUN")

@@ -30,8 +30,8 @@ from transformers.models.llava_next.modeling_llava_next import (
 )
 
 from hivtp_vllm.cli import main
-from hivtp_vllm.heatmap import OUTLINE
 from hivtp_vllm.pruning import num_retained, select_tokens, split_budget
+from hivtp_vllm.tools.heatmap import OUTLINE
 from tests.reference_scores import transformers_scores
 
 SHAPES = Path(__file__).resolve().parent.parent / "examples" / "shapes.png"
@@ -50,7 +50,7 @@ def run(*args: object) -> int:
 
 @pytest.fixture(scope="module")
 def tiny_next(tmp_path_factory) -> Path:
-    from hivtp_vllm.checkpoints import make_checkpoint
+    from hivtp_vllm.tools.checkpoints import make_checkpoint
 
     return make_checkpoint(tmp_path_factory.mktemp("next") / "tiny-next", arch="llava-next")
 

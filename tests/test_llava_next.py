@@ -19,8 +19,9 @@ from transformers.models.llava_next.modeling_llava_next import (
 )
 
 import hivtp_vllm
-from hivtp_vllm.local_server import image_data_url, in_process_llm
+from hivtp_vllm.contract import Layout, Plan, to_fields
 from hivtp_vllm.pruning import num_retained, select_tokens, split_budget
+from hivtp_vllm.tools.local_server import image_data_url, in_process_llm
 from tests.reference_scores import transformers_scores
 
 SIZES = [(336, 336), (672, 336), (1000, 400), (300, 1200), (200, 150)]  # (width, height)
@@ -51,7 +52,7 @@ def noise(seed: int, width: int, height: int) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def tiny_next(tmp_path_factory) -> object:
-    from hivtp_vllm.checkpoints import make_checkpoint
+    from hivtp_vllm.tools.checkpoints import make_checkpoint
 
     return make_checkpoint(tmp_path_factory.mktemp("next") / "tiny-next", arch="llava-next")
 
@@ -147,19 +148,18 @@ def test_kept_embeddings_and_newlines(next_llm, tiny_next):
     batch = [processor.image_processor(img, return_tensors="pt") for img in images]
     pixel_values = [b["pixel_values"][0] for b in batch]  # [tiles_i, 3, 336, 336]
     image_sizes = torch.cat([b["image_sizes"] for b in batch])
-    num_keep, expected = [], []
+    num_keep, expected, plans = [], [], []
     for (w, h), r in cases:
-        hh, ww, _ = highres_grid(w, h)
+        hh, ww, tiles = highres_grid(w, h)
         num_keep.append([num_retained(BASE, r), num_retained(hh * ww, r)])
         expected.append(num_keep[-1][0] + num_keep[-1][1] + hh)
+        layout = Layout(grids=((24, 24), (hh, ww)), newlines=hh, tiles=tiles)
+        plans.append(Plan(layout, tuple(num_keep[-1]), 0.5))
 
     def run(model):
         stock = model.embed_multimodal(pixel_values=pixel_values, image_sizes=image_sizes)
         pruned = model.embed_multimodal(
-            pixel_values=pixel_values,
-            image_sizes=image_sizes,
-            hivtp_num_keep=torch.tensor(num_keep),
-            hivtp_global_fraction=torch.full((len(cases),), 0.5, dtype=torch.float64),
+            pixel_values=pixel_values, image_sizes=image_sizes, **to_fields(plans)
         )
         tiles = pixel_values[0].to(model.vision_tower.dtype)
         with model.hivtp_recorder.recording(torch.arange(tiles.shape[0])):
@@ -267,3 +267,31 @@ def test_served_two_images_of_different_shapes(next_servers):
     for kwargs in ({"hivtp_retain_ratio": 0.5}, {"hivtp_num_tokens": 100}):
         want = text + sum(expected_tokens(w, h, kwargs) for w, h in sizes)
         assert prompt_tokens(ours.chat(images, kwargs)) == want, kwargs
+
+
+@pytest.mark.server
+def test_views_with_no_tokens_are_served(next_servers):
+    """Issue 10: a 900 x 2 image has no high-res rows, a 2 x 900 one no columns.
+    Stock vLLM serves both; so must the plugin, unpruned and pruned, and the
+    engine must be up afterwards."""
+    ours, stock = next_servers
+    wide, tall = [image_data_url(500, 900, 2)], [image_data_url(501, 2, 900)]
+    h_wide, w_wide, _ = highres_grid(900, 2)
+    h_tall, w_tall, _ = highres_grid(2, 900)
+    assert h_wide == 0 and w_tall == 0 and h_tall > 0  # the cases this test is about
+    full_wide = prompt_tokens(stock.chat(wide))
+    assert prompt_tokens(ours.chat(wide)) == full_wide
+    full_tall = prompt_tokens(stock.chat(tall))
+    assert prompt_tokens(ours.chat(tall)) == full_tall
+    text = full_tall - (BASE + h_tall)
+    for kwargs, visual in (
+        ({"hivtp_retain_ratio": 0.1}, num_retained(BASE, 0.1) + h_tall),
+        ({"hivtp_retain_ratio": 0.5}, num_retained(BASE, 0.5) + h_tall),
+        ({"hivtp_num_tokens": 3}, 3 + h_tall),  # the whole budget to the base view
+        ({"hivtp_num_tokens": 1}, 1 + h_tall),
+    ):
+        assert prompt_tokens(ours.chat(tall, kwargs)) == text + visual, kwargs
+    bad = ours.chat(tall, {"hivtp_num_tokens": BASE + 1})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "hivtp_num_tokens"
+    assert f"[1, {BASE}]" in bad.json()["error"]["message"]
+    assert ours.alive() and prompt_tokens(ours.chat(wide, {"hivtp_retain_ratio": 0.25})) > 0

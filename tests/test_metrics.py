@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from hivtp_vllm.local_server import image_data_url
-from hivtp_vllm.local_server import metric as value
+from hivtp_vllm.tools.local_server import image_data_url
+from hivtp_vllm.tools.local_server import metric as value
 
 pytestmark = pytest.mark.server
 

@@ -11,11 +11,19 @@ import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from hivtp_vllm.local_server import in_process_llm
+from hivtp_vllm.contract import Layout, Plan, to_fields
 from hivtp_vllm.pruning import select_tokens
+from hivtp_vllm.tools.local_server import in_process_llm
 from tests.reference_scores import transformers_scores
 
 pytestmark = pytest.mark.server
+
+GRID = Layout(grids=((24, 24),))
+
+
+def plans(keep: list[int], fractions: list[float]) -> dict[str, torch.Tensor]:
+    """The processor's contract fields for images of one view each."""
+    return to_fields([Plan(GRID, (k,), f) for k, f in zip(keep, fractions, strict=True)])
 
 
 @pytest.fixture(scope="module")
@@ -46,15 +54,12 @@ def test_scores_match_transformers(llm, tiny_llava, pixel_values):
 
 
 def test_kept_embeddings_are_the_unpruned_ones(llm, pixel_values):
-    num_keep = torch.tensor([[288], [576], [64]])  # one view per image
-    fractions = torch.tensor([0.5, 0.5, 0.25], dtype=torch.float64)
+    fields = plans([288, 576, 64], [0.5, 0.5, 0.25])
 
     def run(model):
         pv = pixel_values.to(model.vision_tower.dtype)
         stock = model.embed_multimodal(pixel_values=pv)
-        pruned = model.embed_multimodal(
-            pixel_values=pv, hivtp_num_keep=num_keep, hivtp_global_fraction=fractions
-        )
+        pruned = model.embed_multimodal(pixel_values=pv, **fields)
         rows = torch.tensor([0, 2])
         with model.hivtp_recorder.recording(rows):
             model._process_image_pixels({"type": "pixel_values", "pixel_values": pv})
@@ -83,11 +88,7 @@ def test_all_kept_is_stock_and_computes_no_scores(llm, pixel_values):
         try:
             stock = model.embed_multimodal(pixel_values=pv)
             model.hivtp_recorder._sum = None
-            full = model.embed_multimodal(
-                pixel_values=pv,
-                hivtp_num_keep=torch.tensor([[576]] * 3),
-                hivtp_global_fraction=torch.tensor([0.5] * 3, dtype=torch.float64),
-            )
+            full = model.embed_multimodal(pixel_values=pv, **plans([576] * 3, [0.5] * 3))
         finally:
             handle.remove()
         return torch.equal(stock, torch.stack(list(full))), model.hivtp_recorder._sum, len(calls)

@@ -94,3 +94,112 @@ def test_view_budgets_split_a_budget_over_views():
         PruningRequest(num_tokens=1).view_budgets([576, 912])
     with pytest.raises(ValueError):
         split_budget(1, [3, 4])
+
+
+@pytest.mark.parametrize(
+    ("options", "key", "fragment"),
+    [
+        ({"hivtp_retain_ratio": math.inf}, "hivtp_retain_ratio", "finite"),
+        ({"hivtp_retain_ratio": None}, "hivtp_retain_ratio", "must be a number"),
+        ({"hivtp_retain_ratio": [0.5]}, "hivtp_retain_ratio", "must be a number"),
+        ({"hivtp_global_fraction": -0.1}, "hivtp_global_fraction", "[0, 1]"),
+        ({"hivtp_global_fraction": math.nan}, "hivtp_global_fraction", "finite"),
+        ({"hivtp_global_fraction": False}, "hivtp_global_fraction", "must be a number"),
+        ({"hivtp_num_tokens": True}, "hivtp_num_tokens", "integer >= 1"),
+        ({"hivtp_num_tokens": math.inf}, "hivtp_num_tokens", "integer >= 1"),
+        ({"hivtp_num_tokens": None}, "hivtp_num_tokens", "integer >= 1"),
+    ],
+)
+def test_more_bad_request_options(options, key, fragment):
+    err = error_of(options)
+    assert err.key == key
+    assert key in str(err) and fragment in str(err)
+    # The message is ours, in one style, never pydantic's own text.
+    assert "validation error" not in str(err) and "Input should" not in str(err)
+    assert repr(options[key]) in str(err)
+
+
+def test_which_error_a_client_hears_first():
+    # Priority: a key that does not belong, then ratio with budget, then the
+    # first bad value in key order (ratio, budget, fraction).
+    assert error_of({"hivtp_retain_ratio": 0.5, "hivtp_num_tokens": 64, "hivtp_x": 1}).key == (
+        "hivtp_x"
+    )
+    assert error_of({"hivtp_retain_ratio": 5, "hivtp_num_tokens": 64}).key == "hivtp_num_tokens"
+    assert error_of({"hivtp_global_fraction": 5, "hivtp_retain_ratio": 5}).key == (
+        "hivtp_retain_ratio"
+    )
+    assert error_of({"hivtp_global_fraction": 5, "hivtp_b": 1, "hivtp_a": 1}).key == "hivtp_b"
+
+
+def test_values_keep_their_types():
+    request = params.parse_request({"hivtp_retain_ratio": 1, "hivtp_global_fraction": 0})
+    assert request == PruningRequest(1.0, None, 0.0)
+    assert isinstance(request.retain_ratio, float)
+    assert isinstance(request.global_fraction, float)
+    assert type(params.parse_request({"hivtp_num_tokens": 64.0}).num_tokens) is int
+    # A ratio over a server budget drops the budget, and the reverse.
+    base = PruningRequest(None, 64, 0.25)
+    assert params.parse_request({"hivtp_retain_ratio": 0.5}, base) == PruningRequest(
+        0.5, None, 0.25
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "key", "fragment"),
+    [
+        ({"hivtp_regions": [2]}, "hivtp_regions", "two integers [rows, cols], got [2]"),
+        ({"hivtp_regions": [2, 0]}, "hivtp_regions", "an integer >= 1, got 0"),
+        ({"hivtp_regions": [2, 2, 2]}, "hivtp_regions", "got [2, 2, 2]"),
+        ({"hivtp_regions": [True, 2]}, "hivtp_regions", "an integer >= 1, got True"),
+        ({"hivtp_regions": [2, 1.5]}, "hivtp_regions", "an integer >= 1, got 1.5"),
+        ({"hivtp_regions": [0.0, 0]}, "hivtp_regions", "an integer >= 1, got 0"),
+        ({"hivtp_regions": "22"}, "hivtp_regions", "two integers"),
+        ({"hivtp_regions": 2}, "hivtp_regions", "two integers"),
+        ({"hivtp_layer_start": -1}, "hivtp_layer_start", ">= 0"),
+        ({"hivtp_layer_start": -2.0}, "hivtp_layer_start", "an integer >= 0, got -2"),
+        ({"hivtp_layer_start": "3"}, "hivtp_layer_start", "integer >= 0"),
+        ({"hivtp_num_layers": 0}, "hivtp_num_layers", ">= 1"),
+        ({"hivtp_num_layers": 2.5}, "hivtp_num_layers", "integer >= 1"),
+        ({"hivtp_retain_ratio": 2}, "hivtp_retain_ratio", "(0, 1]"),
+        ({"hivtp_retain_ratio": 0.5, "hivtp_num_tokens": 8}, "hivtp_num_tokens", "not both"),
+        ({"hivtp_bogus": 1}, "hivtp_bogus", "unknown server option"),
+    ],
+)
+def test_bad_server_options_name_the_key(options, key, fragment):
+    with pytest.raises(HivtpParamError) as info:
+        params.parse_server(options)
+    assert info.value.key == key
+    assert key in str(info.value) and fragment in str(info.value)
+
+
+def test_server_option_forms():
+    opts = params.parse_server({"hivtp_regions": (3, 1), "hivtp_layer_start": 0})
+    assert opts.regions == (3, 1) and opts.layer_start == 0 and opts.num_layers is None
+    opts = params.parse_server({"hivtp_regions": [2.0, 3.0], "hivtp_num_layers": 4.0})
+    assert opts.regions == (2, 3) and type(opts.regions[0]) is int and opts.num_layers == 4
+    # None for a band key has always meant the spec's default band.
+    opts = params.parse_server({"hivtp_layer_start": None, "hivtp_num_layers": None})
+    assert opts == params.ServerOptions()
+    opts = params.parse_server({"hivtp_num_tokens": 64, "hivtp_global_fraction": 1})
+    assert opts.default == PruningRequest(None, 64, 1.0)
+
+
+def test_models_cover_exactly_the_keys():
+    assert params._RequestModel.__optional_keys__ == params.REQUEST_KEYS
+    assert params._ServerModel.__optional_keys__ == params.SERVER_KEYS
+    assert set(params._ALLOWED) == params.SERVER_KEYS
+
+
+def test_no_vllm_import():
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(params))
+    names = [
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in node.names
+    ] + [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    assert not [n for n in names if n and n.split(".")[0] == "vllm"]

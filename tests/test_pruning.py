@@ -25,7 +25,9 @@ from spec_reference import (
     reference_window_size,
 )
 
+from hivtp_vllm import pruning
 from hivtp_vllm.pruning import (
+    apportion,
     check_num_tokens,
     default_band,
     num_retained,
@@ -251,6 +253,32 @@ def test_region_quotas_match_reference():
                 assert int(quota.sum()) == k_g
 
 
+def test_device_largest_remainder_is_apportion():
+    # Selection apportions region quotas on the scores' device without
+    # reading the leftover count back; it must be apportion's rule exactly,
+    # empty parts and all-tied remainders included.
+    gen = torch.Generator().manual_seed(17)
+    for _ in range(400):
+        parts = int(torch.randint(1, 10, (1,), generator=gen))
+        sizes = torch.randint(0, 30, (parts,), generator=gen)
+        whole = int(sizes.sum())
+        if whole == 0:
+            continue
+        for total in sorted({0, 1, whole // 3, whole // 2, whole - 1, whole}):
+            got = pruning._largest_remainder(total, sizes, whole)
+            assert got.tolist() == apportion(total, sizes).tolist(), (total, sizes.tolist())
+    tied = torch.tensor([4, 4, 4, 4])
+    assert pruning._largest_remainder(3, tied, 16).tolist() == [1, 1, 1, 0]
+
+
+def test_region_layout_sizes_match_regions():
+    for h, w in SMALL_GRIDS + LARGE_GRIDS + ((1, 40), (13, 1)):
+        for regions in REGIONS + ((5, 5), (2, 3)):
+            region, sizes = pruning._region_layout(h, w, regions)
+            rh, rw = regions
+            assert sizes.tolist() == torch.bincount(region, minlength=rh * rw).tolist()
+
+
 def test_region_quotas_hand_cases():
     # 5x5 with (2,2): row/col boundaries floor(i*5/2) = 0, 2, 5, so bands of 2
     # and 3 rows (cols); region sizes (row-major) 4, 6, 6, 9; N = 25.
@@ -312,6 +340,23 @@ def test_large_grids_spread_of_k(h, w, kind):
         for fraction in FRACTIONS:
             for k in spread_of_k(h * w):
                 compare(scores, k, regions, fraction)
+
+
+# LLaVA-NeXT's unpadded high-resolution grids: tall, wide and degenerate.
+NEXT_GRIDS = ((48, 19), (24, 72), (72, 10), (13, 1), (1, 40))
+
+
+@pytest.mark.parametrize(("h", "w"), NEXT_GRIDS)
+def test_next_grids_against_reference(h, w):
+    scores = make_scores(h, w, "ties", seed=h + 100 * w, batch=2)
+    for r in (0.5, 0.25, 1 / 9):
+        k = num_retained(h * w, r)
+        for fraction in (0.0, 0.5, 1.0):
+            got = select_tokens_batched(scores, k, global_fraction=fraction)
+            assert got.is_contiguous() and got.shape == (2, k)
+            for i in range(2):
+                expected = reference_select(scores[i].tolist(), k, global_fraction=fraction)
+                assert got[i].tolist() == expected, (h, w, k, fraction, i)
 
 
 def test_llava_default_ratios_several_images():

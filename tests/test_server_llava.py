@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from hivtp_vllm.local_server import image_data_url
+from hivtp_vllm.tools.local_server import image_data_url
 
 pytestmark = pytest.mark.server
 
@@ -197,3 +197,41 @@ def test_streamed_timing_reports_the_pruned_prompt(plugin_server, stock_server):
     assert timed["prompt_tokens"] == full - (GRID - 144)
     assert timed["completion_tokens"] == 3
     assert 0 < timed["ttft"] <= timed["latency"]
+
+
+def test_hivtp_keys_on_an_architecture_not_pruned_are_a_400(server_factory, tmp_path_factory):
+    """A model outside the plugin's list (here a text-only Llama) is served as
+    stock, but a request that asks it for pruning is told it gets none."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hivtp_vllm.tools.checkpoints import build_tokenizer
+
+    folder = tmp_path_factory.mktemp("text-only") / "tiny-llama"
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_hidden_layers=1,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    server = server_factory(folder)
+    assert server.completion("hello").status_code == 200
+    for kwargs, key in (
+        ({"hivtp_retain_ratio": 0.5}, "hivtp_retain_ratio"),
+        ({"hivtp_num_tokens": 64}, "hivtp_num_tokens"),
+    ):
+        response = server.completion("hello", kwargs)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == key and key in error["message"]
+        assert "LlamaForCausalLM" in error["message"] and "not pruned" in error["message"]
+        assert "LlavaForConditionalGeneration" in error["message"]
+    assert server.completion("hello").status_code == 200
+    server.stop()

@@ -27,9 +27,9 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from hivtp_vllm.local_server import image_data_url
 from hivtp_vllm.pruning import select_tokens
 from hivtp_vllm.scoring import ReceivedAttention
+from hivtp_vllm.tools.local_server import image_data_url
 
 WORLD = 2
 HEADS, HEAD_DIM, LAYERS = 4, 8, 3

@@ -28,9 +28,11 @@ from vllm.distributed import (
 from vllm.logger import init_logger
 from vllm.model_executor.models.vision import run_dp_sharded_vision_model
 
-from hivtp_vllm import params
+from hivtp_vllm import contract, params
+from hivtp_vllm.contract import Plan
 from hivtp_vllm.pruning import default_band, select_tokens_batched
 from hivtp_vllm.scoring import ReceivedAttention, check_band
+from hivtp_vllm.timing import PruningTimer
 
 # Under vLLM's logger, so the messages print where and when vLLM's do (a
 # logger outside the ``vllm`` tree has no handler in vLLM's processes).
@@ -47,23 +49,24 @@ class HivtpModelMixin:
     def _hivtp_setup(self, vllm_config) -> None:
         """Read the server options; hook the band if the tower can be pruned."""
         from hivtp_vllm import metrics
-        from hivtp_vllm.processor import supports_pruning
+        from hivtp_vllm.views import supports_pruning
 
         mm_config = vllm_config.model_config.multimodal_config
-        self.hivtp_pruning_time = metrics.pruning_histogram(
-            vllm_config.model_config.served_model_name
-        )
+        histogram = metrics.pruning_histogram(vllm_config.model_config.served_model_name)
+        self.hivtp_timer = PruningTimer(histogram.observe)
+        self.hivtp_counted = True  # set per forward from the plans' warm-up marker
         self.hivtp_server = params.parse_server(
             mm_config.mm_processor_kwargs if mm_config else None
         )
         self.hivtp_recorder = None
         self.hivtp_data_parallel = False
         if supports_pruning(self.config):
-            vision = self.config.vision_config
-            self.hivtp_side = vision.image_size // vision.patch_size
             self.hivtp_recorder = build_recorder(
-                self.vision_tower.vision_model, vision.num_hidden_layers, self.hivtp_server
+                self.vision_tower.vision_model,
+                self.config.vision_config.num_hidden_layers,
+                self.hivtp_server,
             )
+            self.hivtp_recorder.span = self.hivtp_timer.span
             # vLLM builds CLIP unsharded in data mode (is_vit_use_data_parallel);
             # the batch is split only where that is so, since a sharded tower
             # fed different images on each worker would mix them in its
@@ -92,33 +95,34 @@ class HivtpModelMixin:
         with self.hivtp_recorder.sharded_batch(_gather_batch, pixel_values.shape[0]):
             return run_dp_sharded_vision_model(pixel_values, lambda x: run(vision_tower, x))
 
-    def _hivtp_inputs(self, kwargs: dict) -> tuple[object, list[list[int]] | None, list[float]]:
-        """(image input, kept counts per image and view, global fractions).
+    def _hivtp_inputs(self, kwargs: dict) -> tuple[object, list[Plan] | None]:
+        """(image input, each image's plan from the processor).
 
-        Counts are ``None`` where nothing can be pruned: no pixels (client
-        embeddings) or no counts from the processor.
+        Plans are ``None`` where nothing can be pruned: no pixels (client
+        embeddings), no plans from the processor, or a tower HIVTP cannot
+        score.
         """
-        from hivtp_vllm.processor import DUMMY, GLOBAL_FRACTION, NUM_KEEP
-
-        num_keep = kwargs.pop(NUM_KEEP, None)
-        fractions = kwargs.pop(GLOBAL_FRACTION, None)
-        dummy = kwargs.pop(DUMMY, None)
-        self.hivtp_counting = dummy is None or not bool(dummy.any())
+        plans = contract.pop_plans(kwargs)
+        self.hivtp_counted = contract.any_counted(plans)
         image_input = self._parse_and_validate_image_input(**kwargs)
         if (
             image_input is None
-            or num_keep is None
+            or plans is None
             or self.hivtp_recorder is None
             or image_input["type"] != "pixel_values"
         ):
-            return image_input, None, []
-        budgets = [[int(k) for k in row] for row in num_keep]
-        return image_input, budgets, [float(f) for f in fractions]
+            return image_input, None
+        return image_input, plans
 
-    def _hivtp_observe(self, selection_seconds: float) -> None:
-        """Pruning time of this forward: scoring hooks plus selection."""
-        if self.hivtp_counting:
-            self.hivtp_pruning_time.observe(self.hivtp_recorder.seconds + selection_seconds)
+    def _hivtp_select(
+        self, scores: Sequence[torch.Tensor], keep: Sequence[int], fractions: Sequence[float]
+    ) -> list[torch.Tensor]:
+        """:func:`select_views`, timed with the scoring into the metrics."""
+        device = scores[0].device if scores else torch.device("cpu")
+        with self.hivtp_timer.span(device):
+            kept = select_views(scores, keep, fractions, self.hivtp_server.regions)
+        self.hivtp_timer.finish(self.hivtp_counted)
+        return kept
 
 
 def _gather_batch(local: torch.Tensor) -> torch.Tensor:
@@ -181,10 +185,15 @@ def select_views(
 
     Views are grouped by (grid, K, global fraction) so each group is one
     batched selection call; the loop runs over distinct groups, not images.
+    A view that keeps nothing (an empty view, spec section 2) gets an empty
+    index and is not selected on.
     """
     kept: list[torch.Tensor | None] = [None] * len(scores)
     groups: dict[tuple, list[int]] = {}
     for i, view in enumerate(scores):
+        if int(num_keep[i]) == 0:
+            kept[i] = torch.zeros(0, dtype=torch.long, device=view.device)
+            continue
         key = (tuple(view.shape), int(num_keep[i]), float(fractions[i]))
         groups.setdefault(key, []).append(i)
     for (_, k, fraction), rows in groups.items():

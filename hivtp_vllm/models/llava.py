@@ -9,14 +9,15 @@ in raster order. Images with K = H x W take the stock path untouched.
 
 from __future__ import annotations
 
-import time
+from collections.abc import Mapping, Sequence
 
 import torch
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings
 from vllm.model_executor.models.llava import LlavaForConditionalGeneration
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from hivtp_vllm.models.common import HivtpModelMixin, select_views
+from hivtp_vllm.contract import Plan
+from hivtp_vllm.models.common import HivtpModelMixin
 from hivtp_vllm.processor import (
     HivtpLlavaMultiModalProcessor,
     HivtpLlavaProcessingInfo,
@@ -39,16 +40,14 @@ class HivtpLlavaForConditionalGeneration(HivtpModelMixin, LlavaForConditionalGen
     supports_encoder_tp_data = True
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
-        image_input, budgets, fractions = self._hivtp_inputs(kwargs)
+        image_input, plans = self._hivtp_inputs(kwargs)
         if image_input is None:
             return []
-        num_keep = [row[0] for row in budgets or []]  # one view per image
-        pruned = [i for i, k in enumerate(num_keep) if k < self.hivtp_side**2]
+        pruned = [i for i, plan in enumerate(plans or []) if plan.prunes]
         if not pruned:
             return self._process_image_input(image_input)  # the stock path
 
-        rows = torch.tensor(pruned)
-        with self.hivtp_recorder.recording(rows):
+        with self.hivtp_recorder.recording(torch.tensor(pruned)):
             features = self._process_image_pixels(image_input)
         scores = self.hivtp_recorder.patch_scores()
         # Projecting every token then gathering equals gathering then
@@ -56,16 +55,23 @@ class HivtpLlavaForConditionalGeneration(HivtpModelMixin, LlavaForConditionalGen
         # bit-identical to the unpruned embeddings; it costs a fraction of a
         # percent of the language model's prefill.
         embeds = self.multi_modal_projector(features)
-        side = self.hivtp_side
-        start = time.perf_counter()
-        kept = select_views(
-            scores.view(len(pruned), side, side).unbind(0),
-            [num_keep[i] for i in pruned],
-            [fractions[i] for i in pruned],
-            self.hivtp_server.regions,
+        return self.hivtp_emit(embeds, dict(zip(pruned, scores, strict=True)), plans)
+
+    def hivtp_emit(
+        self, embeds: torch.Tensor, scores: Mapping[int, torch.Tensor], plans: Sequence[Plan]
+    ) -> list[torch.Tensor]:
+        """Each image's kept embeddings, in raster order, from all of them.
+
+        ``embeds`` is ``[images, H*W, D]``; ``scores[i]`` the patch scores of
+        image ``i`` where it is pruned (the count property tests run this on
+        random tensors).
+        """
+        kept = self._hivtp_select(
+            [s.view(plans[i].layout.grids[0]) for i, s in scores.items()],
+            [plans[i].keep[0] for i in scores],
+            [plans[i].global_fraction for i in scores],
         )
-        self._hivtp_observe(time.perf_counter() - start)
         out = list(embeds.unbind(0))
-        for row, indices in zip(pruned, kept, strict=True):
+        for row, indices in zip(scores, kept, strict=True):
             out[row] = out[row][indices.to(embeds.device)]
         return out

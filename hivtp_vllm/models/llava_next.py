@@ -12,32 +12,34 @@ sees the row structure. Images whose counts are all full take the stock path.
 
 from __future__ import annotations
 
-import time
+from collections.abc import Mapping, Sequence
 
 import torch
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings
 from vllm.model_executor.models.llava_next import LlavaNextForConditionalGeneration
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from hivtp_vllm.models.common import HivtpModelMixin, select_views
+from hivtp_vllm.contract import Plan
+from hivtp_vllm.models.common import HivtpModelMixin
 from hivtp_vllm.processor import (
     HivtpLlavaNextMultiModalProcessor,
     HivtpLlavaNextProcessingInfo,
     LlavaDummyInputsBuilder,
 )
-from hivtp_vllm.views import highres_layout, stitch
+from hivtp_vllm.views import stitch
 
 
 def newline_layout(kept: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Positions in vLLM's row-plus-newline layout of the kept high-res tokens.
 
     The stock layout is ``[H', W' + 1]`` flattened, the last column being the
-    newline. Kept tokens keep their raster order and every newline stays.
+    newline. Kept tokens keep their raster order and every newline stays,
+    also in a row that keeps no token (and every row of a grid with no
+    columns). One sort of known length: nothing waits on the device.
     """
-    mask = torch.zeros(height, width + 1, dtype=torch.bool, device=kept.device)
-    mask.view(-1)[kept // width * (width + 1) + kept % width] = True
-    mask[:, width] = True
-    return mask.view(-1).nonzero().squeeze(1)
+    tokens = kept // max(width, 1) * (width + 1) + kept % max(width, 1)
+    newlines = torch.arange(height, device=kept.device) * (width + 1) + width
+    return torch.sort(torch.cat([tokens, newlines])).values
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -55,64 +57,75 @@ class HivtpLlavaNextForConditionalGeneration(HivtpModelMixin, LlavaNextForCondit
     supports_encoder_tp_data = True
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
-        image_input, budgets, fractions = self._hivtp_inputs(kwargs)
+        image_input, plans = self._hivtp_inputs(kwargs)
         if image_input is None:
             return []
-        pixel_values = image_input["pixel_values"] if budgets else []
-        if isinstance(pixel_values, torch.Tensor):
-            pixel_values = list(pixel_values.unbind(0))
-        image_sizes = image_input["image_sizes"] if budgets else []
-        views = [self._views(image_sizes[i]) for i in range(len(pixel_values))]
-        pruned = [i for i, v in enumerate(views) if budgets[i] != v[1]]
+        pruned = [i for i, plan in enumerate(plans or []) if plan.prunes]
         if not pruned:
             return self._process_image_input(image_input)  # the stock path
 
+        pixel_values = image_input["pixel_values"]
+        if isinstance(pixel_values, torch.Tensor):
+            pixel_values = list(pixel_values.unbind(0))
+        image_sizes = image_input["image_sizes"]
         tiles_per_image = [p.shape[0] for p in pixel_values]
-        starts = torch.tensor([0, *tiles_per_image]).cumsum(0)
+        starts = torch.tensor([0, *tiles_per_image]).cumsum(0).tolist()
         rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in pruned])
         with self.hivtp_recorder.recording(rows):
             features = self._image_pixels_to_features(self.vision_tower, torch.cat(pixel_values))
         embeds = self.multi_modal_projector(features)  # [tiles, side*side, D]
         # Scores come back for the pruned images' tiles only, in order.
-        scores = self.hivtp_recorder.patch_scores()
-        split = torch.split(scores, [tiles_per_image[i] for i in pruned])
-        scores_by_image = dict(zip(pruned, split, strict=True))
+        scores = torch.split(
+            self.hivtp_recorder.patch_scores(), [tiles_per_image[i] for i in pruned]
+        )
+        return self.hivtp_emit(
+            torch.split(embeds, tiles_per_image),
+            dict(zip(pruned, scores, strict=True)),
+            plans,
+            image_sizes,
+        )
 
-        out: list[torch.Tensor] = []
+    def hivtp_emit(
+        self,
+        tile_embeds: Sequence[torch.Tensor],
+        tile_scores: Mapping[int, torch.Tensor],
+        plans: Sequence[Plan],
+        image_sizes: torch.Tensor,
+    ) -> list[torch.Tensor]:
+        """The embeddings the language model receives, from the tower's output.
+
+        ``tile_embeds[i]`` are image i's projected tile features
+        ``[tiles, side*side, D]``, ``tile_scores[i]`` the patch scores of its
+        tiles where it is pruned. Each image is laid out by vLLM's own merge
+        (base view, unpadded grid, newlines), then the kept positions are
+        gathered; the count property tests run this on random tensors.
+        """
         view_scores, view_keep, view_fraction = [], [], []
-        for i, image_embeds in enumerate(torch.split(embeds, tiles_per_image)):
-            full = self._merge_image_patch_embeddings(
-                image_sizes[i], image_embeds, strategy="spatial_unpad"
-            )
-            out.append(full)
-            if i not in scores_by_image:
-                continue
-            scores = scores_by_image[i]
-            side = self.hivtp_side
-            view_scores.append(scores[0].view(side, side))
-            view_scores.append(
-                stitch(scores[1:, :, None], views[i][0], tuple(image_sizes[i].tolist()))[..., 0]
-            )
-            view_keep += budgets[i]
-            view_fraction += [fractions[i]] * 2
-        start = time.perf_counter()
-        kept = select_views(view_scores, view_keep, view_fraction, self.hivtp_server.regions)
-        self._hivtp_observe(time.perf_counter() - start)
-        side_tokens = self.hivtp_side**2
-        for n, i in enumerate(pruned):
-            base, highres = kept[2 * n], kept[2 * n + 1]
-            height, width = view_scores[2 * n + 1].shape
-            index = torch.cat([base, side_tokens + newline_layout(highres, height, width)])
+        for i, scores in tile_scores.items():
+            plan = plans[i]
+            (base_rows, base_cols), (height, width) = plan.layout.grids
+            view_scores.append(scores[0].view(base_rows, base_cols))
+            # Stitched and unpadded exactly like the features (views.stitch):
+            # the shape the processor computed, as the property tests prove.
+            highres = stitch(scores[1:, :, None], plan.layout.tiles, _size(image_sizes[i]))
+            view_scores.append(highres[..., 0].reshape(height, width))
+            view_keep += plan.keep
+            view_fraction += [plan.global_fraction] * 2
+        kept = self._hivtp_select(view_scores, view_keep, view_fraction)
+
+        out = [
+            self._merge_image_patch_embeddings(image_sizes[i], embeds, strategy="spatial_unpad")
+            for i, embeds in enumerate(tile_embeds)
+        ]
+        for n, i in enumerate(tile_scores):
+            (base_rows, base_cols), (height, width) = plans[i].layout.grids
+            highres = newline_layout(kept[2 * n + 1], height, width)
+            index = torch.cat([kept[2 * n], base_rows * base_cols + highres])
             out[i] = out[i][index.to(out[i].device)]
         return out
 
-    def _views(self, image_size: torch.Tensor) -> tuple[tuple[int, int], list[int]]:
-        """(tile grid, unpruned size of each view) of one image, as vLLM lays it out."""
-        side = self.hivtp_side
-        tile_grid, (height, width) = highres_layout(
-            tuple(image_size.tolist()),
-            self.config.image_grid_pinpoints,
-            self.config.vision_config.image_size,
-            side,
-        )
-        return tile_grid, [side * side, height * width]
+
+def _size(image_size: torch.Tensor) -> tuple[int, int]:
+    """(height, width) of the original image, as vLLM passes it (a CPU tensor)."""
+    height, width = image_size.tolist()
+    return int(height), int(width)

@@ -4,14 +4,14 @@ Before switching pruning on, a user wants to see which patches of their own
 images survive at a given ratio. This module answers with the server's own
 pieces, not a re-implementation: the image goes through the checkpoint's own
 image processor, the CLIP tower runs on the checkpoint's own weights
-(:mod:`hivtp_vllm.tower`), the band's attention is scored by the server's
+(:mod:`hivtp_vllm.tools.tower`), the band's attention is scored by the server's
 :func:`hivtp_vllm.scoring.received_attention`, budgets come from
 :class:`hivtp_vllm.params.PruningRequest` (a LLaVA-NeXT budget is split over
 base view and high-res grid exactly as the processor splits it), views are
 laid out by :mod:`hivtp_vllm.views` as the model lays them out, and tokens
 are picked by :func:`hivtp_vllm.pruning.select_tokens`. No vLLM import.
 
-Per image it writes ``<stem>.hivtp.png`` (:mod:`hivtp_vllm.heatmap`) and
+Per image it writes ``<stem>.hivtp.png`` (:mod:`hivtp_vllm.tools.heatmap`) and
 ``<stem>.hivtp.json``: per request the grid, K and kept flat indices of each
 view, where each grid sits in the picture, and the scores.
 """
@@ -28,9 +28,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from hivtp_vllm import params
-from hivtp_vllm.heatmap import Panel, View, render
 from hivtp_vllm.pruning import select_tokens
-from hivtp_vllm.tower import BandScorer, Checkpoint, ExplainError, open_checkpoint, progress
+from hivtp_vllm.tools.heatmap import Panel, View, render
+from hivtp_vllm.tools.tower import BandScorer, Checkpoint, ExplainError, open_checkpoint, progress
 from hivtp_vllm.views import stitch
 
 __all__ = ["ExplainError", "DEFAULT_RATIOS", "explain", "parse_requests", "parse_value"]

@@ -1,0 +1,164 @@
+"""Server fuzz: extreme and random image shapes with mixed options, concurrently.
+
+Every response is either 200 with exactly the expected ``prompt_tokens`` or a
+4xx naming the key, the server keeps answering afterwards, and with no hivtp
+keys every shape gets stock vLLM's status and ``prompt_tokens`` (the same
+checkpoint served with the plugin not loaded). Expected counts come from
+transformers' helpers and the spec (tests/count_contract.py), not from the
+plugin's processor.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import random
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.count_contract import FAMILIES, LLAVA_V16_PINPOINTS, reference_tokens, reference_views
+
+pytestmark = pytest.mark.server
+
+SHAPES = [
+    (1, 1),
+    (2, 900),
+    (900, 2),
+    (13, 7),
+    (50, 3000),
+    (3000, 50),
+    (4000, 3000),
+    (1, 2000),
+    (2000, 1),
+    (336, 1),
+    (1, 337),
+    (5, 5),
+    (336, 336),
+    (1000, 3),
+    (3, 1000),
+    (671, 1),
+    (1009, 2),
+]
+
+
+def random_shapes(seed: int, count: int) -> list[tuple[int, int]]:
+    rng = random.Random(seed)
+    shapes = []
+    for _ in range(count):
+        short = rng.choice([1, 2, 3, rng.randint(1, 50), rng.randint(50, 1500)])
+        long = min(4000, int(short * rng.choice([1, 1.5, 3, 40, 400, 2000])))
+        shapes.append((long, short) if rng.random() < 0.5 else (short, long))
+    return shapes
+
+
+def random_options(rng: random.Random) -> dict | None:
+    kind = rng.choice(["none", "ratio", "budget", "budget-huge"])
+    if kind == "none":
+        return None
+    if kind == "ratio":
+        options: dict = {"hivtp_retain_ratio": rng.choice([1.0, 0.5, 0.25, 0.1, rng.random()])}
+    elif kind == "budget":
+        options = {"hivtp_num_tokens": rng.choice([1, 2, 3, 64, rng.randint(1, 700)])}
+    else:
+        options = {"hivtp_num_tokens": rng.randint(700, 5000)}
+    if rng.random() < 0.3:
+        options["hivtp_global_fraction"] = rng.random()
+    return options or None
+
+
+def picture(width: int, height: int, seed: int) -> str:
+    """A smooth image (cheap PNG at any size) as a data URL."""
+    rng = np.random.default_rng(seed)
+    x = np.linspace(0, 1, width, dtype=np.float32)[None, :, None]
+    y = np.linspace(0, 1, height, dtype=np.float32)[:, None, None]
+    tint = rng.random(3, dtype=np.float32)[None, None, :]
+    pixels = ((x * 0.6 + y * 0.4) * tint * 255).astype("uint8")
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def servers(request, server_factory, tmp_path_factory):
+    from hivtp_vllm.tools.checkpoints import make_checkpoint
+
+    family = FAMILIES[request.param]
+    ckpt = make_checkpoint(
+        tmp_path_factory.mktemp(f"fuzz-{family.arch}") / "tiny", arch=family.arch
+    )
+    ours, stock = server_factory(ckpt), server_factory(ckpt, plugin=False)
+    yield family, ours, stock
+    ours.stop()
+    stock.stop()
+
+
+def status_and_tokens(response) -> tuple[int, int | None, dict]:
+    body = response.json()
+    tokens = body["usage"]["prompt_tokens"] if response.status_code == 200 else None
+    return response.status_code, tokens, body
+
+
+def test_fuzz_shapes_and_options(servers):
+    family, ours, stock = servers
+    rng = random.Random(10)
+    shapes = SHAPES + random_shapes(11, 20)
+    images = {shape: picture(*shape, seed=i) for i, shape in enumerate(shapes)}
+
+    # Stock vLLM, no keys: the reference status and prompt size of each shape.
+    with ThreadPoolExecutor(8) as pool:
+        stock_answers = list(pool.map(lambda s: stock.chat([images[s]], max_tokens=1), shapes))
+        plain_answers = list(pool.map(lambda s: ours.chat([images[s]], max_tokens=1), shapes))
+    text_tokens = {}
+    for shape, theirs, mine in zip(shapes, stock_answers, plain_answers, strict=True):
+        want, got = status_and_tokens(theirs), status_and_tokens(mine)
+        assert got[:2] == want[:2], (shape, want[2], got[2])
+        if want[0] == 200:
+            sizes, newlines = reference_views(family, *shape, LLAVA_V16_PINPOINTS)
+            text_tokens[shape] = want[1] - reference_tokens(sizes, newlines, None)
+
+    # Mixed options, several requests at once (two images in some).
+    jobs = []
+    for shape in shapes:
+        if shape not in text_tokens:
+            continue
+        for _ in range(2):
+            jobs.append(([shape], random_options(rng)))
+    servable = list(text_tokens)
+    for _ in range(6):
+        jobs.append((rng.sample(servable, 2), random_options(rng)))
+
+    def send(job):
+        shapes_, options = job
+        return ours.chat([images[s] for s in shapes_], options, max_tokens=2)
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(send, jobs))
+    outcomes = {"200": 0, "400": 0}
+    for (shapes_, options), response in zip(jobs, answers, strict=True):
+        expected = []
+        for shape in shapes_:
+            sizes, newlines = reference_views(family, *shape, LLAVA_V16_PINPOINTS)
+            expected.append(reference_tokens(sizes, newlines, options))
+        status, tokens, body = status_and_tokens(response)
+        if None in expected:
+            assert status == 400, (shapes_, options, body)
+            assert body["error"]["param"] == "hivtp_num_tokens", body
+            assert "hivtp_num_tokens" in body["error"]["message"], body
+            assert "num_keep" not in body["error"]["message"], body
+            outcomes["400"] += 1
+            continue
+        # Two images of one prompt share its text: count it once.
+        text = text_tokens[shapes_[0]] if len(shapes_) == 1 else None
+        assert status == 200, (shapes_, options, body)
+        if text is not None:
+            assert tokens == text + expected[0], (shapes_, options)
+        outcomes["200"] += 1
+    assert outcomes["200"] > 20 and outcomes["400"] > 0, outcomes
+
+    # The engine survived all of it and still serves.
+    assert ours.alive()
+    again = ours.chat([images[(336, 336)]], {"hivtp_retain_ratio": 0.5}, max_tokens=2)
+    assert again.status_code == 200, again.text
