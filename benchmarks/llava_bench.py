@@ -42,12 +42,25 @@ class Arch:
     image: tuple[int, int]  # (width, height) of the TTFT requests' images
     tiles: int  # tower inputs per image at that size
     views: tuple[tuple[int, int], ...]  # grids selected per image
+    model: str = "CLIP 12 layers x 128, Llama 8 layers x 768, 336 px tiles"
+    max_model_len: int = 4096
 
 
 ARCHS = {
     "llava": Arch("LLaVA-1.5", "llava-1.5-single", (336, 336), 1, ((24, 24),)),
     # 672 x 672: the largest llava-v1.6 layout, 576 + 48 x 48 + 48 = 2928 tokens.
     "llava-next": Arch("LLaVA-NeXT", "llava-next-single", (672, 672), 5, ((24, 24), (48, 48))),
+    # 1152 x 1152: 3 x 3 tiles of 384 px, 729 + 81 x 81 + 81 = 7371 tokens
+    # (just under anyres_max_9's shrink).
+    "llava-onevision": Arch(
+        "LLaVA-OneVision",
+        "llava-onevision-single",
+        (1152, 1152),
+        10,
+        ((27, 27), (81, 81)),
+        model="SigLIP 12 layers x 128, Qwen2 8 layers x 768, 384 px tiles",
+        max_model_len=16384,
+    ),
 }
 
 
@@ -59,8 +72,12 @@ def ensure_model(path: Path, size: str, arch: str = "llava") -> Path:
     return path
 
 
-def measure_ttft(model: Path, requests: int, image: tuple[int, int]) -> dict:
-    server = VllmServer(model, ["--max-num-seqs", "16"])
+def measure_ttft(model: Path, requests: int, image: tuple[int, int], max_len: int) -> dict:
+    # A KV cache that holds a whole max-length prompt of the bench LM
+    # (8 layers x 768, float32: 48 KiB a token), however long it is.
+    kv = max(1 << 29, max_len * 8 * 2 * 768 * 4 * 2)
+    options = ["--max-num-seqs", "16", "--max-model-len", str(max_len)]
+    server = VllmServer(model, [*options, "--kv-cache-memory-bytes", str(kv)])
     print(f"[ttft] starting server on {server.url} ...", flush=True)
     server.start()
     try:
@@ -130,7 +147,9 @@ def overhead_probe(batches: tuple[int, ...], reps: int, arch: Arch):
                     timer.finish(counted=True)
                     t2 = time.perf_counter()
                     rec.patch_scores()
-                    select_views(views, budgets, [0.5] * len(views), (2, 2))
+                    select_views(
+                        [tuple(v.shape) for v in views], views, budgets, [0.5] * len(views), (2, 2)
+                    )
                     t3 = time.perf_counter()
                     plain.append(t1 - t0)
                     recorded.append(t2 - t1)
@@ -150,7 +169,10 @@ def overhead_probe(batches: tuple[int, ...], reps: int, arch: Arch):
 def measure_overhead(
     model: Path, batches: tuple[int, ...], reps: int, arch: Arch, **llm_kwargs
 ) -> dict:
-    with in_process_llm(model, max_model_len=2048, **llm_kwargs) as llm:
+    llm_kwargs.setdefault("max_model_len", arch.max_model_len)
+    kv = max(1 << 28, arch.max_model_len * 8 * 2 * 768 * 8)
+    llm_kwargs.setdefault("kv_cache_memory_bytes", kv)
+    with in_process_llm(model, **llm_kwargs) as llm:
         (result,) = llm.apply_model(overhead_probe(batches, reps, arch))
     return result
 
@@ -192,7 +214,7 @@ def main() -> int:
     command = f".venv/bin/python benchmarks/llava_bench.py --arch {args.arch}"
 
     bench = ensure_model(args.models / f"bench-{args.arch}", "bench", args.arch)
-    ttft = measure_ttft(bench, args.requests, arch.image)
+    ttft = measure_ttft(bench, args.requests, arch.image, arch.max_model_len)
     base = ttft[1.0]["ttft"]
     print("[overhead] bench tower ...", flush=True)
     over_bench = measure_overhead(bench, (1, 16), args.reps, arch)
@@ -201,7 +223,7 @@ def main() -> int:
         print("[overhead] CLIP-L tower ...", flush=True)
         clip_l = ensure_model(args.models / "clip-l-probe", "clip-l")
         # CLIP-L costs seconds per image on 2 CPU cores: 1 and 4 tower inputs.
-        over_clip = measure_overhead(clip_l, (1, 4), 3, ARCHS["llava"])
+        over_clip = measure_overhead(clip_l, (1, 4), 3, ARCHS["llava"], max_model_len=2048)
 
     from hivtp_vllm.pruning import num_retained
 
@@ -213,7 +235,7 @@ def main() -> int:
         f"Machine: {machine()}; vLLM CPU build, float32, `--enforce-eager`.",
         "",
         f"Model: random-weight `bench` {arch.title} (`make-model --size bench --arch "
-        f"{args.arch}`: CLIP 12 layers x 128, Llama 8 layers x 768, 336 px tiles).",
+        f"{args.arch}`: {arch.model}).",
         f"Images {width} x {height}: views {' + '.join(f'{h} x {w}' for h, w in arch.views)}"
         + (" plus one newline per high-res row." if len(arch.views) > 1 else "."),
         f"{ttft[1.0]['n']} requests per ratio, interleaved, one at a time, fresh image each, "
@@ -243,7 +265,7 @@ def main() -> int:
         *overhead_rows("bench (12 x 128)", over_bench),
         *overhead_rows("CLIP-L (24 x 1024, runs 23)", over_clip),
     ]
-    see_llava = ["", "(Same tower as LLaVA-1.5: see its section for CLIP-L.)"]
+    see_llava = ["", "(For the full-size CLIP-L tower see LLaVA-1.5's section.)"]
     lines += READING if over_clip else see_llava
     write_section(arch.section, "\n".join(lines))
     print("\n".join(lines))

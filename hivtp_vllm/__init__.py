@@ -1,4 +1,4 @@
-"""hivtp-vllm: HIVTP visual token pruning for vLLM's LLaVA models.
+"""hivtp-vllm: HIVTP visual token pruning for vLLM's LLaVA-family models.
 
 Installed, the package is found by vLLM through the ``vllm.general_plugins``
 entry point, which calls :func:`register` in every vLLM process. The pure
@@ -15,6 +15,9 @@ MODELS = {
     "LlavaForConditionalGeneration": "hivtp_vllm.models.llava:HivtpLlavaForConditionalGeneration",
     "LlavaNextForConditionalGeneration": (
         "hivtp_vllm.models.llava_next:HivtpLlavaNextForConditionalGeneration"
+    ),
+    "LlavaOnevisionForConditionalGeneration": (
+        "hivtp_vllm.models.llava_onevision:HivtpLlavaOnevisionForConditionalGeneration"
     ),
 }
 

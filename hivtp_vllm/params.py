@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BeforeValidator,
@@ -53,10 +53,17 @@ GLOBAL_FRACTION = "hivtp_global_fraction"
 REGIONS = "hivtp_regions"
 LAYER_START = "hivtp_layer_start"
 NUM_LAYERS = "hivtp_num_layers"
+SELECTION = "hivtp_selection"
 
-# A client may choose how much to keep; how importance is measured is the
-# operator's choice, fixed per server, since it shapes every forward pass.
-REQUEST_KEYS = frozenset({RATIO, NUM_TOKENS, GLOBAL_FRACTION})
+# How the kept tokens are chosen: HIVTP (scores from the tower's middle
+# layers), or the uniform baseline of the same size (no scores, spec section
+# 6), for comparing the two on one's own data.
+HIVTP, UNIFORM = "hivtp", "uniform"
+SELECTIONS = (HIVTP, UNIFORM)
+
+# A client may choose how much to keep and how; how importance is measured is
+# the operator's choice, fixed per server, since it shapes every forward pass.
+REQUEST_KEYS = frozenset({RATIO, NUM_TOKENS, GLOBAL_FRACTION, SELECTION})
 SERVER_KEYS = REQUEST_KEYS | {REGIONS, LAYER_START, NUM_LAYERS}
 DEFAULT_GLOBAL_FRACTION = 0.5
 DEFAULT_REGIONS = (2, 2)
@@ -72,14 +79,16 @@ class HivtpParamError(ValueError):
 
 @dataclass(frozen=True)
 class PruningRequest:
-    """How much of each image to keep: a ratio, an absolute budget, or all.
+    """How much of each image to keep (a ratio, an absolute budget, or all), and how.
 
     ``retain_ratio = None`` and ``num_tokens = None`` means no pruning.
+    ``selection`` is ``"hivtp"`` or ``"uniform"`` (the scoring-free baseline).
     """
 
     retain_ratio: float | None = None
     num_tokens: int | None = None
     global_fraction: float = DEFAULT_GLOBAL_FRACTION
+    selection: str = HIVTP
 
     def view_budgets(self, sizes: Sequence[int]) -> list[int]:
         """Tokens kept in each view of one image (one view for LLaVA-1.5).
@@ -167,6 +176,7 @@ class _RequestModel(TypedDict, total=False):
     hivtp_retain_ratio: _Ratio
     hivtp_num_tokens: _Count
     hivtp_global_fraction: _Fraction
+    hivtp_selection: Literal["hivtp", "uniform"]
 
 
 @with_config(_STRICT)
@@ -195,6 +205,7 @@ _ALLOWED = {
     REGIONS: "two integers [rows, cols]",
     LAYER_START: "an integer >= 0",
     NUM_LAYERS: "an integer >= 1",
+    SELECTION: f"one of {', '.join(repr(s) for s in SELECTIONS)}",
 }
 _INTEGER_KEYS = frozenset({NUM_TOKENS, LAYER_START, NUM_LAYERS})
 
@@ -272,7 +283,10 @@ def _apply(valid: Mapping[str, Any], base: PruningRequest) -> PruningRequest:
     if NUM_TOKENS in valid:
         ratio, tokens = None, valid[NUM_TOKENS]
     fraction = valid.get(GLOBAL_FRACTION, base.global_fraction)
-    return PruningRequest(retain_ratio=ratio, num_tokens=tokens, global_fraction=fraction)
+    selection = valid.get(SELECTION, base.selection)
+    return PruningRequest(
+        retain_ratio=ratio, num_tokens=tokens, global_fraction=fraction, selection=selection
+    )
 
 
 def parse_request(

@@ -30,6 +30,11 @@ from vllm.model_executor.models.llava_next import (
     LlavaNextMultiModalProcessor,
     LlavaNextProcessingInfo,
 )
+from vllm.model_executor.models.llava_onevision import (
+    LlavaOnevisionDummyInputsBuilder,
+    LlavaOnevisionMultiModalProcessor,
+    LlavaOnevisionProcessingInfo,
+)
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import (
     ImageEmbeddingItems,
@@ -79,7 +84,8 @@ class HivtpInfoMixin:
         if request.prunes and not supports_pruning(self.get_hf_config()):  # type: ignore[attr-defined]
             raise VLLMValidationError(
                 "hivtp pruning needs a CLIP vision tower with "
-                "vision_feature_select_strategy='default'; this model has neither",
+                "vision_feature_select_strategy='default' or a SigLIP one with 'full'; "
+                "this model has neither",
                 parameter=params.RATIO,
             )
         return request
@@ -111,11 +117,12 @@ class HivtpLlavaProcessingInfo(HivtpInfoMixin, LlavaProcessingInfo):
         return Layout(grids=((side, side),))
 
 
-class HivtpLlavaNextProcessingInfo(HivtpInfoMixin, LlavaNextProcessingInfo):
-    """LLaVA-NeXT: the base view, the unpadded high-res grid, and its newlines."""
+class HivtpAnyresInfoMixin(HivtpInfoMixin):
+    """The anyres families: the base view, the high-res grid, and its newlines."""
 
     def hivtp_layout(self, *, image_width: int, image_height: int) -> Layout:
-        """Views exactly as vLLM counts them (``_get_num_unpadded_features``).
+        """Views exactly as vLLM counts them (``_get_num_unpadded_features``,
+        which for OneVision includes the ``anyres_max_9`` shrink).
 
         An extreme aspect ratio can leave the unpadded grid with no rows
         (a wide image: no newlines either) or no columns (a tall one: one
@@ -146,6 +153,18 @@ class HivtpLlavaNextProcessingInfo(HivtpInfoMixin, LlavaNextProcessingInfo):
             newlines=rows,
             tiles=(int(tiles[0]), int(tiles[1])),
         )
+
+
+class HivtpLlavaNextProcessingInfo(HivtpAnyresInfoMixin, LlavaNextProcessingInfo):
+    """LLaVA-NeXT: the base view, the unpadded high-res grid, and its newlines."""
+
+
+class HivtpLlavaOnevisionProcessingInfo(HivtpAnyresInfoMixin, LlavaOnevisionProcessingInfo):
+    """LLaVA-OneVision: as LLaVA-NeXT, the high-res grid shrunk past ~9 views.
+
+    Videos are not pruned: vLLM pools their frames already, and the hivtp
+    keys apply to a request's images only.
+    """
 
 
 class HivtpProcessorMixin:
@@ -201,6 +220,7 @@ class HivtpProcessorMixin:
                 [p.layout.tokens for p in plans],
                 [p.tokens for p in plans],
                 [sum(p.keep) / max(1, sum(p.layout.sizes)) for p in plans],
+                request.selection,
             )
 
     def _call_hf_processor(self, hf_data, hf_kwargs):
@@ -232,12 +252,18 @@ class HivtpProcessorMixin:
         if "pixel_values" not in processed_data:
             return processed_data  # precomputed embeddings are passed through
         request = self.info.hivtp_request(hf_processor_mm_kwargs)  # type: ignore[attr-defined]
-        images = ImageProcessorItems(mm_inputs["images"])
+        if "images" in mm_inputs:
+            images = ImageProcessorItems(mm_inputs["images"])
+            sizes = [images.get_image_size(i) for i in range(images.get_count())]
+            dims = [(size.width, size.height) for size in sizes]
+        else:
+            # OneVision with videos processes images on their own and hands
+            # them back without the inputs; their original sizes travel.
+            dims = [(int(w), int(h)) for h, w in processed_data["image_sizes"].tolist()]
         plans = []
-        for i in range(images.get_count()):
-            size = images.get_image_size(i)
+        for width, height in dims:
             found = self.info.hivtp_plan(  # type: ignore[attr-defined]
-                image_width=size.width, image_height=size.height, request=request
+                image_width=width, image_height=height, request=request
             )
             plans.append(dataclasses.replace(found, dummy=self._hivtp_dummy))
         processed_data.update(contract.to_fields(plans))
@@ -260,6 +286,11 @@ class HivtpProcessorMixin:
         hf_processor_mm_kwargs: Mapping[str, object],
         out_mm_kwargs: MultiModalKwargsItems,
     ) -> Sequence[PromptUpdate]:
+        """vLLM's updates, the image one replaced by K placeholders per image
+        (the others, such as OneVision's videos, stay as they are)."""
+        updates = super()._get_prompt_updates(  # type: ignore[misc]
+            mm_items, hf_processor_mm_kwargs, out_mm_kwargs
+        )
         info = self.info  # type: ignore[attr-defined]
         request = info.hivtp_request(hf_processor_mm_kwargs)
         token_id = info.get_hf_config().image_token_index
@@ -277,7 +308,8 @@ class HivtpProcessorMixin:
             )
             return [token_id] * count
 
-        return [PromptReplacement(modality="image", target=[token_id], replacement=replacement)]
+        ours = PromptReplacement(modality="image", target=[token_id], replacement=replacement)
+        return [ours if update.modality == "image" else update for update in updates]
 
 
 class HivtpLlavaMultiModalProcessor(HivtpProcessorMixin, LlavaMultiModalProcessor):
@@ -288,11 +320,21 @@ class HivtpLlavaNextMultiModalProcessor(HivtpProcessorMixin, LlavaNextMultiModal
     """LLaVA-NeXT processor: K_base + K_hr + H' placeholders per image."""
 
 
+class HivtpLlavaOnevisionMultiModalProcessor(
+    HivtpProcessorMixin, LlavaOnevisionMultiModalProcessor
+):
+    """LLaVA-OneVision processor: K_base + K_hr + H' placeholders per image;
+    videos as in vLLM."""
+
+
 __all__ = [
     "HivtpLlavaProcessingInfo",
     "HivtpLlavaMultiModalProcessor",
     "HivtpLlavaNextProcessingInfo",
     "HivtpLlavaNextMultiModalProcessor",
+    "HivtpLlavaOnevisionProcessingInfo",
+    "HivtpLlavaOnevisionMultiModalProcessor",
     "LlavaDummyInputsBuilder",
+    "LlavaOnevisionDummyInputsBuilder",
     "supports_pruning",
 ]

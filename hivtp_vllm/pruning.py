@@ -31,6 +31,8 @@ __all__ = [
     "split_budget",
     "select_tokens",
     "select_tokens_batched",
+    "uniform_lattice",
+    "uniform_tokens",
 ]
 
 
@@ -318,3 +320,42 @@ def select_tokens(
     return select_tokens_batched(
         scores[None], num_keep, regions=regions, global_fraction=global_fraction
     )[0]
+
+
+def uniform_lattice(height: int, width: int, num_keep: int) -> tuple[int, int]:
+    """Cells ``(a, b)`` of the uniform baseline's split: ``a * b >= K``, near square cells.
+
+    ``a = clamp(isqrt(floor(K * H / W)), 1, H)`` rows of cells and
+    ``b = ceil(K / a)`` columns; if that is more columns than the grid has,
+    ``b = W`` and ``a = ceil(K / W)`` (at most H, since ``K <= H * W``).
+    Integer arithmetic only, so every implementation gets the same split.
+    """
+    rows = min(height, max(1, math.isqrt(num_keep * height // width)))
+    cols = -(-num_keep // rows)
+    if cols > width:
+        cols, rows = width, -(-num_keep // width)
+    return rows, cols
+
+
+def uniform_tokens(
+    height: int, width: int, num_keep: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """The uniform baseline (spec section 6): K tokens spread evenly, no scores.
+
+    The grid is split into ``a x b`` cells (:func:`uniform_lattice`); the
+    token nearest each cell's centre is row ``floor((2i + 1) H / (2a))`` and
+    column ``floor((2j + 1) W / (2b))``, distinct because ``a <= H`` and
+    ``b <= W``. Of the ``a * b`` centres, in raster order, the ones at
+    positions ``floor(t * a * b / K)`` for ``t = 0 .. K - 1`` are kept, so the
+    ``a * b - K`` left out are spread over the grid too. Returns the K flat
+    indices in ascending (raster) order; every size is known on the host, so
+    nothing waits on the device.
+    """
+    check_num_tokens(height * width, num_keep)
+    a, b = uniform_lattice(height, width, num_keep)
+    t = torch.arange(num_keep, device=device)
+    cell = t * (a * b) // num_keep
+    i, j = cell // b, cell % b
+    rows = ((2 * i + 1) * height) // (2 * a)
+    cols = ((2 * j + 1) * width) // (2 * b)
+    return rows * width + cols

@@ -71,15 +71,18 @@ def received_attention(
     return received.reshape(b, num_heads, s).sum(dim=1)
 
 
-def mean_patch_scores(total: torch.Tensor, num_layers: int, num_heads: int) -> torch.Tensor:
-    """The spec's score from summed received attention: ``[B, S]`` -> ``[B, S - 1]``.
+def mean_patch_scores(
+    total: torch.Tensor, num_layers: int, num_heads: int, cls_tokens: int = 1
+) -> torch.Tensor:
+    """The spec's score from summed received attention: ``[B, S]`` -> ``[B, S - cls]``.
 
     ``total`` is :func:`received_attention` added up over ``num_layers``
     layers of ``num_heads`` heads; dividing by layers x heads x queries
-    (``S``) gives the mean, and the CLS column is dropped. Shared by the
-    server's recorder and ``hivtp-vllm explain`` so both score alike.
+    (``S``) gives the mean, and the CLS column is dropped (CLIP:
+    ``cls_tokens=1``; SigLIP has none, so every column is a patch). Shared
+    by the server's recorder and ``hivtp-vllm explain`` so both score alike.
     """
-    return total[:, 1:] / (num_layers * num_heads * total.shape[1])
+    return total[:, cls_tokens:] / (num_layers * num_heads * total.shape[1])
 
 
 class ReceivedAttention:
@@ -110,12 +113,14 @@ class ReceivedAttention:
         scale: float,
         reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
         span: Callable[[torch.device], AbstractContextManager] | None = None,
+        cls_tokens: int = 1,
     ) -> None:
         self.modules = list(modules)
         self.num_heads = num_heads
         self.total_heads = total_heads
         self.scale = scale
         self.reduce = reduce
+        self.cls_tokens = cls_tokens
         self._sum: torch.Tensor | None = None
         self._rows: torch.Tensor | None = None
         self._recording = False
@@ -172,8 +177,8 @@ class ReceivedAttention:
             self._sum = full if rows is None else full[rows.to(full.device)]
 
     def patch_scores(self) -> torch.Tensor:
-        """Mean received attention per patch, ``[B, S - 1]`` (CLS dropped)."""
+        """Mean received attention per patch, ``[B, S - cls_tokens]`` (CLS dropped)."""
         if self._sum is None:
             raise RuntimeError("no attention was recorded: the band's layers did not run")
         total = self._sum if self.reduce is None else self.reduce(self._sum)
-        return mean_patch_scores(total, len(self.modules), self.total_heads)
+        return mean_patch_scores(total, len(self.modules), self.total_heads, self.cls_tokens)

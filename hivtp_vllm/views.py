@@ -3,7 +3,9 @@
 A *view* is one grid of patch tokens that selection runs on: LLaVA-1.5 has
 one per image (the 24 x 24 of CLIP-L at 336 px); LLaVA-NeXT has two, the
 base view and the high-resolution grid stitched from its tiles and unpadded
-to the image's aspect ratio. The model (vLLM glue) and ``hivtp-vllm
+to the image's aspect ratio; LLaVA-OneVision's high-resolution grid is then
+shrunk bilinearly when it holds more than about nine views' tokens
+(:func:`shrink`). The model (vLLM glue) and ``hivtp-vllm
 explain`` (no vLLM) both lay views out with the functions here, so the
 picture that explain draws is the grid the server selects on. transformers
 is imported where it is used: it takes seconds to import, and the command
@@ -16,17 +18,32 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["supports_pruning", "layers_run", "highres_layout", "stitch"]
+__all__ = ["cls_tokens", "supports_pruning", "layers_run", "highres_layout", "stitch", "shrink"]
+
+
+def cls_tokens(hf_config: object) -> int | None:
+    """Leading non-patch positions of the tower's sequence, or None if HIVTP
+    cannot prune this model.
+
+    HIVTP needs the features to be exactly the patch grid: CLIP with its CLS
+    dropped from the features ("default": 1 leading position, spec section
+    1), or SigLIP, which has no CLS, with every position kept ("full": 0,
+    spec section 5).
+    """
+    from transformers import CLIPVisionConfig, SiglipVisionConfig
+
+    vision = getattr(hf_config, "vision_config", None)
+    strategy = getattr(hf_config, "vision_feature_select_strategy", None)
+    if isinstance(vision, CLIPVisionConfig) and strategy == "default":
+        return 1
+    if isinstance(vision, SiglipVisionConfig) and strategy == "full":
+        return 0
+    return None
 
 
 def supports_pruning(hf_config: object) -> bool:
-    """HIVTP needs a CLIP grid without CLS among the features ("default")."""
-    from transformers import CLIPVisionConfig
-
-    return (
-        isinstance(getattr(hf_config, "vision_config", None), CLIPVisionConfig)
-        and getattr(hf_config, "vision_feature_select_strategy", None) == "default"
-    )
+    """Whether HIVTP can prune this model's images (:func:`cls_tokens`)."""
+    return cls_tokens(hf_config) is not None
 
 
 def layers_run(hf_config: object) -> int:
@@ -81,3 +98,22 @@ def stitch(tiles: torch.Tensor, tile_grid: tuple[int, int], image_size: tuple[in
         .reshape(-1, rows * side, cols * side)
     )
     return unpad_image(grid, image_size).permute(1, 2, 0)
+
+
+def shrink(grid: torch.Tensor, side: int, max_views: int = 9) -> torch.Tensor:
+    """LLaVA-OneVision's ``anyres_max_9``: ``[C, H', W']`` -> the grid the LM gets.
+
+    When the unpadded grid holds more than about ``max_views`` views' tokens
+    (``ratio = sqrt(H' W' / (max_views side^2)) > 1.1``) it is resized
+    bilinearly to ``(floor(H' / ratio), floor(W' / ratio))``: the arithmetic
+    and the call vLLM's ``_merge_image_patch_embeddings`` applies to the
+    features, so a score map put through it lands where the features do.
+    """
+    import math
+
+    _, height, width = grid.shape
+    ratio = math.sqrt(height * width / (max_views * side**2))
+    if ratio <= 1.1:
+        return grid
+    size = [int(height // ratio), int(width // ratio)]
+    return torch.nn.functional.interpolate(grid[None], size, mode="bilinear")[0]

@@ -3,6 +3,9 @@
     locust -f loadtest/locustfile.py --headless -u 8 -r 8 -t 60s \\
         --host http://127.0.0.1:8000 --hivtp-ratio 0.25 --images 1 --max-tokens 32
 
+``--hivtp-selection uniform`` (with a ratio or a budget) asks the plugin for
+its scoring-free uniform baseline: the same number of tokens spread evenly.
+
 Each request streams; three series are recorded as locust requests:
 
 - ``TTFT``: time to the first content chunk; its content size is the
@@ -17,6 +20,8 @@ picture at several sizes), so runs are reproducible and need no download.
 Each request's image gets a unique stamp (a few pixels in a corner) unless
 ``--repeat-images``: vLLM caches an image's encoder output and its prompt's
 KV by content, so a repeated image measures those caches, not the work.
+Stamps count up from ``--stamp-base`` (default: from the clock), so two
+runs against one server send different images too.
 
 ``--record FILE`` also appends one JSON line per request (start time, TTFT,
 end-to-end time, prompt and output tokens, error): locust rounds its
@@ -47,6 +52,12 @@ def _options(parser) -> None:
     group.add_argument("--model", default="", help="served model name (default: the server's)")
     group.add_argument("--hivtp-ratio", type=float, default=None, help="per-request retain ratio")
     group.add_argument("--hivtp-num-tokens", type=int, default=None, help="per-request budget")
+    group.add_argument(
+        "--hivtp-selection",
+        choices=("hivtp", "uniform"),
+        default=None,
+        help="per-request selection: HIVTP (the server's default) or the uniform baseline",
+    )
     group.add_argument("--images", type=int, default=1, help="images per request")
     group.add_argument(
         "--image-sizes", default="336x336,672x336,500x500", help="WxH list, used in turn"
@@ -56,6 +67,12 @@ def _options(parser) -> None:
     group.add_argument("--record", default="", help="append one JSON line per request here")
     group.add_argument(
         "--repeat-images", action="store_true", help="send the image set as is (cache hits)"
+    )
+    group.add_argument(
+        "--stamp-base",
+        type=int,
+        default=None,
+        help="first image stamp (default: from the clock; the runner gives each phase its own)",
     )
 
 
@@ -70,13 +87,21 @@ def image_set(sizes: str) -> list[Image.Image]:
 
 
 _STAMPS = itertools.count()
+_STAMP_BASE = [0]
+
+
+@events.init.add_listener
+def _stamp_base(environment, **_kwargs) -> None:
+    options = environment.parsed_options
+    base = getattr(options, "stamp_base", None) if options else None
+    _STAMP_BASE[0] = int(time.time() * 1000) if base is None else base
 
 
 def data_url(image: Image.Image, unique: bool = True) -> str:
     """A PNG data URL; ``unique`` stamps a process-wide counter into 4 pixels."""
     if unique:
         image = image.copy()
-        n = next(_STAMPS)
+        n = (_STAMP_BASE[0] + next(_STAMPS)) % 2**32
         for i in range(4):  # 4 pixels x 8 bits: 2**32 distinct stamps
             image.putpixel((i, 0), ((n >> (8 * i)) & 255, 0, 0))
     buf = io.BytesIO()
@@ -85,11 +110,15 @@ def data_url(image: Image.Image, unique: bool = True) -> str:
 
 
 def mm_kwargs(options) -> dict | None:
+    """The request's ``mm_processor_kwargs`` from the hivtp options (None: none)."""
+    kwargs: dict = {}
     if options.hivtp_num_tokens is not None:
-        return {"hivtp_num_tokens": options.hivtp_num_tokens}
-    if options.hivtp_ratio is not None:
-        return {"hivtp_retain_ratio": options.hivtp_ratio}
-    return None
+        kwargs["hivtp_num_tokens"] = options.hivtp_num_tokens
+    elif options.hivtp_ratio is not None:
+        kwargs["hivtp_retain_ratio"] = options.hivtp_ratio
+    if options.hivtp_selection is not None:
+        kwargs["hivtp_selection"] = options.hivtp_selection
+    return kwargs or None
 
 
 class ChatUser(HttpUser):

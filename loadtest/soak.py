@@ -68,6 +68,7 @@ PRUNED = {
     "r=0.25": ({"hivtp_retain_ratio": 0.25}, 144),
     "k=64": ({"hivtp_num_tokens": 64}, 64),
     "r=0.1,g=0.2": ({"hivtp_retain_ratio": 0.1, "hivtp_global_fraction": 0.2}, 58),
+    "uniform r=0.25": ({"hivtp_retain_ratio": 0.25, "hivtp_selection": "uniform"}, 144),
 }
 # The control run (``--stock``): vLLM without the plugin, same traffic less
 # the hivtp options, to tell the plugin's memory from vLLM's own.
@@ -104,6 +105,7 @@ def bad_cases(good_image: str) -> list[Bad]:
         ),
         Bad("server-only key", ("hivtp_layer_start",), {"hivtp_layer_start": 2}),
         Bad("unknown key", ("hivtp_typo",), {"hivtp_typo": 1}),
+        Bad("unknown selection", ("hivtp_selection", "uniform"), {"hivtp_selection": "best"}),
         Bad("broken image data", ("image",), None, ("data:image/png;base64,aGVsbG8gd29ybGQ=",)),
         Bad("not base64", ("base64",), None, ("data:image/png;base64,%%%notbase64%%%",)),
         Bad("image far too large", ("pixels",), None, (huge_png(),)),

@@ -30,6 +30,10 @@ from hivtp_vllm import contract
 # grid is not published: it stresses grids of up to 4 x 4 tiles.
 LLAVA_V16_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 WIDE_PINPOINTS = [[336 * r, 336 * c] for r in range(1, 5) for c in range(1, 5)]
+# llava-hf/llava-onevision-qwen2-{0.5b,7b,72b}-ov-hf: every grid of 1..6 x 1..6
+# tiles of 384 px. The narrow set (at most 2 x 2 tiles) never shrinks.
+ONEVISION_PINPOINTS = [[384 * r, 384 * c] for r in range(1, 7) for c in range(1, 7)]
+NARROW_384_PINPOINTS = [[384 * r, 384 * c] for r in range(1, 3) for c in range(1, 3)]
 
 # vLLM's VLLM_MAX_IMAGE_PIXELS default: larger images are refused before any
 # processor runs.
@@ -62,6 +66,19 @@ class Family:
     # Emits one image's embeddings: (model, plan or None, width, height) -> [T, D].
     emit: Callable[[object, contract.Plan | None, int, int], torch.Tensor]
     pinpoints: dict[str, list[list[int]]] = field(default_factory=dict)
+    tile: int = 336  # px of one view
+    side: int = 24  # patches along a view's side
+    max_views: int | None = None  # anyres_max_N: the high-res grid shrinks past N views
+    max_model_len: int = 4096  # room for the largest image's tokens
+    # Whether an image can have a view with no tokens. LLaVA-NeXT's even
+    # 24-patch tiles can be unpadded to no rows or columns; OneVision's odd
+    # 27 always leaves one (padding (27 - 0) // 2 = 13 from each side).
+    empty_views: bool = False
+
+    @property
+    def own_pinpoints(self) -> list[list[int]] | None:
+        """The pinpoints of the family's test checkpoint (the first set listed)."""
+        return next(iter(self.pinpoints.values()), None)
 
 
 @st.composite
@@ -93,21 +110,29 @@ def request_options(draw: st.DrawFn) -> dict[str, object] | None:
         options = {"hivtp_num_tokens": budget}
     if draw(st.booleans()):
         options["hivtp_global_fraction"] = draw(st.floats(0.0, 1.0))
+    if draw(st.integers(0, 3)) == 0:
+        options["hivtp_selection"] = "uniform"
     return options
+
+
+def _scores(plan: contract.Plan, *shape: int) -> torch.Tensor | None:
+    """Random tower scores, or None where the plan takes the uniform baseline."""
+    return None if plan.uniform else torch.rand(*shape)
 
 
 def emit_llava(model, plan: contract.Plan | None, width: int, height: int) -> torch.Tensor:
     """LLaVA-1.5: one 24 x 24 view whatever the image size."""
     side = model.config.vision_config.image_size // model.config.vision_config.patch_size
     embeds = torch.randn(1, side * side, model.config.text_config.hidden_size)
-    scores = {0: torch.rand(side * side)} if plan is not None and plan.prunes else {}
+    scores = {0: _scores(plan, side * side)} if plan is not None and plan.prunes else {}
     plans = [plan] if plan is not None else []
     return model.hivtp_emit(embeds, scores, plans)[0]
 
 
-def emit_llava_next(model, plan: contract.Plan | None, width: int, height: int) -> torch.Tensor:
-    """LLaVA-NeXT: the base tile plus the tiles of the best pinpoint, as the HF
-    image processor cuts them (tile count from transformers, not from the plan)."""
+def emit_anyres(model, plan: contract.Plan | None, width: int, height: int) -> torch.Tensor:
+    """LLaVA-NeXT, OneVision: the base tile plus the tiles of the best pinpoint,
+    as the HF image processor cuts them (tile count from transformers, not
+    from the plan)."""
     from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
     vision = model.config.vision_config
@@ -117,7 +142,7 @@ def emit_llava_next(model, plan: contract.Plan | None, width: int, height: int) 
     )
     tiles = rows * cols + 1
     embeds = torch.randn(tiles, side * side, model.config.text_config.hidden_size)
-    scores = {0: torch.rand(tiles, side * side)} if plan is not None and plan.prunes else {}
+    scores = {0: _scores(plan, tiles, side * side)} if plan is not None and plan.prunes else {}
     plans = [plan] if plan is not None else []
     sizes = torch.tensor([[height, width]])
     return model.hivtp_emit([embeds], scores, plans, sizes)[0]
@@ -128,8 +153,19 @@ FAMILIES = {
     "llava-next": Family(
         "LLaVA-NeXT",
         "llava-next",
-        emit_llava_next,
+        emit_anyres,
         pinpoints={"llava-v1.6": LLAVA_V16_PINPOINTS, "wide-4x4": WIDE_PINPOINTS},
+        empty_views=True,
+    ),
+    "llava-onevision": Family(
+        "LLaVA-OneVision",
+        "llava-onevision",
+        emit_anyres,
+        pinpoints={"onevision-ov": ONEVISION_PINPOINTS, "narrow-2x2": NARROW_384_PINPOINTS},
+        tile=384,
+        side=27,
+        max_views=9,
+        max_model_len=16384,
     ),
 }
 
@@ -142,7 +178,9 @@ def reference_views(
 ) -> tuple[list[int], int]:
     """(tokens of each view, always-kept newlines) from transformers' helpers
     and the spec, independent of the plugin's processor."""
-    side = 24
+    import math
+
+    side = family.side
     if family.arch == "llava":
         return [side * side], 0
     from transformers.models.llava_next.modeling_llava_next import (
@@ -150,9 +188,14 @@ def reference_views(
         unpad_image,
     )
 
-    rows, cols = get_anyres_image_grid_shape((height, width), pinpoints, 336)
+    rows, cols = get_anyres_image_grid_shape((height, width), pinpoints, family.tile)
     grid = unpad_image(torch.empty(1, rows * side, cols * side), (height, width))
-    return [side * side, grid.shape[1] * grid.shape[2]], grid.shape[1]
+    h, w = grid.shape[1], grid.shape[2]
+    if family.max_views is not None:  # OneVision's anyres_max_N shrink
+        ratio = math.sqrt(h * w / (family.max_views * side**2))
+        if ratio > 1.1:
+            h, w = int(h // ratio), int(w // ratio)
+    return [side * side, h * w], h
 
 
 def reference_tokens(sizes: list[int], newlines: int, options: dict | None) -> int | None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import pytest
 from safetensors import safe_open
 
 from hivtp_vllm.tools.checkpoints import flops_per_image, make_checkpoint
@@ -56,3 +58,302 @@ def test_bench_language_model_dominates(tmp_path):
     assert flops["visual_tokens"] == 576
     assert flops["lm_to_vision"] >= 10
     assert isinstance(config, type(AutoConfig.for_model("llava")))
+
+
+# -- Qwen2.5-VL / Qwen3-VL ---------------------------------------------------
+
+QWEN = {
+    # arch: (config class, model class, processor class, video processor
+    # class, patch size, grid_thw of a 500 x 300 image, of 8 frames 320 x 240)
+    "qwen2.5-vl": (
+        "Qwen2_5_VLConfig",
+        "Qwen2_5_VLForConditionalGeneration",
+        "Qwen2_5_VLProcessor",
+        "Qwen2VLVideoProcessor",
+        14,
+        (1, 22, 36),
+        (4, 18, 22),
+    ),
+    "qwen3-vl": (
+        "Qwen3VLConfig",
+        "Qwen3VLForConditionalGeneration",
+        "Qwen3VLProcessor",
+        "Qwen3VLVideoProcessor",
+        16,
+        (1, 18, 32),
+        (4, 16, 20),
+    ),
+}
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+
+
+def noise(width: int, height: int, seed: int = 0):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((height, width, 3)) * 255).astype("uint8"))
+
+
+@pytest.fixture(scope="module")
+def qwen_ckpts(tmp_path_factory) -> dict[str, Path]:
+    """Both tiny Qwen checkpoints, written through the ``make-model`` CLI."""
+    from hivtp_vllm.tools.checkpoints import main
+
+    out = {}
+    for arch in QWEN:
+        out[arch] = tmp_path_factory.mktemp("qwen") / arch
+        assert main([str(out[arch]), "--arch", arch, "--size", "tiny"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("arch", list(QWEN))
+def test_qwen_config_tokens_and_chat_template(qwen_ckpts, arch):
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
+
+    ckpt = qwen_ckpts[arch]
+    config_cls, model_cls, _, _, patch, _, _ = QWEN[arch]
+    config = AutoConfig.from_pretrained(ckpt)
+    assert type(config) is getattr(transformers, config_cls)
+    assert config.architectures == [model_cls]
+    v = config.vision_config
+    assert (v.patch_size, v.temporal_patch_size, v.spatial_merge_size) == (patch, 2, 2)
+    assert v.depth == 8 and v.out_hidden_size == config.text_config.hidden_size
+    if arch == "qwen2.5-vl":
+        assert list(v.fullatt_block_indexes) == [3, 7] and v.window_size == 112
+    else:
+        assert list(v.deepstack_visual_indexes) == [1, 3, 5]
+    rope = config.text_config.rope_parameters
+    head_dim = config.text_config.hidden_size // config.text_config.num_attention_heads
+    assert sum(rope["mrope_section"]) == head_dim // 2
+
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in VISION_TOKENS}
+    for token, i in ids.items():  # each one unsplittable token
+        assert tok.encode(token, add_special_tokens=False) == [i]
+    assert ids["<|image_pad|>"] == config.image_token_id
+    assert ids["<|video_pad|>"] == config.video_token_id
+    assert ids["<|vision_start|>"] == config.vision_start_token_id
+    assert ids["<|vision_end|>"] == config.vision_end_token_id
+    assert tok.eos_token == "<|im_end|>" and tok.bos_token is None
+    assert tok.encode("hi there")[0] not in tok.all_special_ids  # no BOS added
+    assert config.text_config.vocab_size == len(tok)
+
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image"},
+                {"type": "video"},
+                {"type": "text", "text": "What is it?"},
+            ],
+        }
+    ]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    system = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    assert text == (
+        (system if arch == "qwen2.5-vl" else "")
+        + "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
+        + "<|vision_start|><|video_pad|><|vision_end|>What is it?<|im_end|>\n"
+        + "<|im_start|>assistant\n"
+    )
+
+
+@pytest.mark.parametrize("arch", list(QWEN))
+def test_qwen_processor_outputs(qwen_ckpts, arch):
+    import transformers
+    from transformers import AutoProcessor
+
+    _, _, processor_cls, video_cls, patch, image_thw, video_thw = QWEN[arch]
+    proc = AutoProcessor.from_pretrained(qwen_ckpts[arch])
+    assert type(proc) is getattr(transformers, processor_cls)
+    assert type(proc.image_processor).__name__ == "Qwen2VLImageProcessor"
+    assert type(proc.video_processor) is getattr(transformers, video_cls)
+    for p in (proc.image_processor, proc.video_processor):
+        assert (p.patch_size, p.temporal_patch_size, p.merge_size) == (patch, 2, 2)
+    # Published min_pixels; tiny max_pixels (1280 merged tokens per image).
+    unit = 2 * patch
+    assert proc.image_processor.size["shortest_edge"] == (3136 if patch == 14 else 65536)
+    assert proc.image_processor.size["longest_edge"] == 1280 * unit * unit
+
+    def pads(text_ids, token):
+        return int((text_ids == proc.tokenizer.convert_tokens_to_ids(token)).sum())
+
+    image = noise(500, 300)
+    out = proc(
+        text=["<|vision_start|><|image_pad|><|vision_end|>x"], images=[image], return_tensors="pt"
+    )
+    thw = out["image_grid_thw"][0]
+    assert tuple(thw.tolist()) == image_thw
+    assert pads(out["input_ids"][0], "<|image_pad|>") == int(thw.prod()) // 4
+    assert out["pixel_values"].shape == (int(thw.prod()), 3 * 2 * patch * patch)
+
+    big = proc(text=["<|image_pad|>"], images=[noise(2000, 2000)], return_tensors="pt")
+    assert int(big["image_grid_thw"][0].prod()) // 4 <= 1280
+
+    frames = [noise(320, 240, seed) for seed in range(8)]
+    out = proc(
+        text=["<|vision_start|><|video_pad|><|vision_end|>x"],
+        videos=[frames],
+        do_sample_frames=False,
+        return_tensors="pt",
+    )
+    thw = out["video_grid_thw"][0]
+    assert tuple(thw.tolist()) == video_thw
+    assert pads(out["input_ids"][0], "<|video_pad|>") == int(thw.prod()) // 4
+
+
+@pytest.mark.parametrize("arch", list(QWEN))
+def test_qwen_hub_key_layout(qwen_ckpts, arch):
+    import transformers
+
+    ckpt = qwen_ckpts[arch]
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    # transformers 5.x names, which vLLM's hf_to_vllm_mapper maps to
+    # visual.* / language_model.model.* / language_model.lm_head.*
+    assert {k.split(".")[0] for k in keys} == {"model", "lm_head"}
+    assert {k.split(".")[1] for k in keys if k.startswith("model.")} == {
+        "visual",
+        "language_model",
+    }
+    if arch == "qwen3-vl":
+        assert any(k.startswith("model.visual.deepstack_merger_list.2.") for k in keys)
+    model_cls = getattr(transformers, QWEN[arch][1])
+    _, info = model_cls.from_pretrained(ckpt, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_qwen_same_seed_same_bytes(tmp_path):
+    a = make_checkpoint(tmp_path / "a", size="tiny", arch="qwen3-vl")
+    b = make_checkpoint(tmp_path / "b", size="tiny", arch="qwen3-vl")
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError):
+        make_checkpoint(tmp_path / "c", arch="qwen3-vl", image_size=336)
+
+
+@pytest.mark.parametrize("arch", list(QWEN))
+def test_qwen_bench_language_model_dominates(arch):
+    from hivtp_vllm.tools.checkpoints import build_qwen_config, build_qwen_tokenizer
+
+    config = build_qwen_config(arch, "bench", build_qwen_tokenizer())
+    flops = flops_per_image(config)  # a 448 px square image
+    assert flops["visual_tokens"] == (256 if arch == "qwen2.5-vl" else 196)
+    assert flops["lm_to_vision"] >= 10
+    assert config.vision_config.depth >= 8
+    tiny = build_qwen_config(arch, "tiny", build_qwen_tokenizer())
+    assert tiny.vision_config.patch_size == config.vision_config.patch_size
+
+
+# Stock vLLM (no plugin: VLLM_PLUGINS names none) in a fresh interpreter, so
+# what this session's plugin registered cannot stand in for vLLM's own Qwen
+# classes. Per checkpoint: vLLM's loader refuses missing or unexpected weight
+# names, so loading is the key-name check; a few loaded tensors are compared
+# with the file; one chat with an image and one with a video (JPEG frames).
+STOCK_VLLM_SCRIPT = r"""
+import base64, contextlib, io, json, sys
+import numpy as np, torch
+from PIL import Image
+from safetensors import safe_open
+from hivtp_vllm.tools.local_server import in_process_llm
+
+def noise(w, h, seed):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8"))
+
+def jpeg(img):
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+video = "data:video/jpeg;base64," + ",".join(jpeg(noise(320, 240, s)) for s in range(8))
+PREFIXES = (("model.visual.", "visual."), ("model.language_model.", "language_model.model."),
+            ("lm_head.", "language_model.lm_head."))
+results = {}
+# Engines stay referenced to the end: a dropped engine tears down vLLM's
+# global parallel groups when it is collected, under the next one.
+stack, engines = contextlib.ExitStack(), []
+for ckpt in sys.argv[1:]:
+    with safe_open(ckpt + "/model.safetensors", "pt") as f:
+        file = {k: f.get_tensor(k) for k in f.keys()}
+    if True:
+        llm = stack.enter_context(in_process_llm(ckpt, max_model_len=8192))
+        engines.append(llm)
+        def tensors(model):
+            params = {k: v.detach().cpu() for k, v in model.named_parameters()}
+            return type(model).__module__, params
+        (loaded,) = llm.apply_model(tensors)
+        module, params = loaded
+        # every tensor vLLM keeps under its own name and shape (not the fused
+        # q/k/v and gate/up projections, nor the linear weights vLLM's CPU
+        # backend repacks and leaves empty) holds the file's values
+        same, compared = True, []
+        for key, value in file.items():
+            name = next(new + key[len(old):] for old, new in PREFIXES if key.startswith(old))
+            if name in params and params[name].shape == value.shape:
+                compared.append(name)
+                same &= bool(torch.equal(params[name], value))
+        ask = lambda part: llm.chat(
+            [{"role": "user", "content": [part, {"type": "text", "text": "What is it?"}]}],
+            use_tqdm=False)[0]
+        image = ask({"type": "image_pil", "image_pil": noise(500, 300, 0)})
+        clip = ask({"type": "video_url", "video_url": {"url": video}})
+        results[ckpt] = {"class": module, "same": same, "compared": compared,
+                         "image_ids": image.prompt_token_ids,
+                         "video_ids": clip.prompt_token_ids,
+                         "text": image.outputs[0].text}
+print("RESULTS " + json.dumps(results), flush=True)
+stack.close()
+"""
+
+
+@pytest.fixture(scope="module")
+def stock_vllm(qwen_ckpts) -> dict[str, dict]:
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, VLLM_PLUGINS="none-stock-vllm", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", STOCK_VLLM_SCRIPT, *map(str, qwen_ckpts.values())],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    return json.loads(lines[-1][len("RESULTS ") :])
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("arch", list(QWEN))
+def test_qwen_stock_vllm_loads_and_counts_like_transformers(qwen_ckpts, stock_vllm, arch):
+    from transformers import AutoProcessor
+
+    ckpt = qwen_ckpts[arch]
+    got = stock_vllm[str(ckpt)]
+    assert got["class"].startswith("vllm.model_executor.models.qwen")
+    assert got["same"], got["compared"]
+    for name in ("language_model.lm_head.weight", "language_model.model.embed_tokens.weight"):
+        assert name in got["compared"]
+    assert sum(n.startswith("visual.") for n in got["compared"]) >= 16
+    assert isinstance(got["text"], str)
+
+    proc = AutoProcessor.from_pretrained(ckpt)
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}
+    ]
+    text = proc.apply_chat_template(messages, add_generation_prompt=True)
+    hf = proc(text=[text], images=[noise(500, 300, 0)], return_tensors="pt")
+    assert got["image_ids"] == hf["input_ids"][0].tolist()
+    image_pads = got["image_ids"].count(proc.image_token_id)
+    assert image_pads == int(hf["image_grid_thw"][0].prod()) // 4
+
+    frames = [noise(320, 240, s) for s in range(8)]
+    thw = proc.video_processor(videos=[frames], do_sample_frames=False, return_tensors="pt")[
+        "video_grid_thw"
+    ][0]
+    assert got["video_ids"].count(proc.video_token_id) == int(thw.prod()) // 4
+    assert got["video_ids"].count(proc.image_token_id) == 0

@@ -40,9 +40,9 @@ def loaded(tmp_path_factory):
             family = FAMILIES[name]
             ckpt = make_checkpoint(tmp_path_factory.mktemp(name) / "tiny", arch=family.arch)
             info = MULTIMODAL_REGISTRY.create_processor(
-                ModelConfig(model=str(ckpt), max_model_len=4096)
+                ModelConfig(model=str(ckpt), max_model_len=family.max_model_len)
             ).info
-            engine = in_process_llm(ckpt)
+            engine = in_process_llm(ckpt, max_model_len=family.max_model_len)
             llm = engine.__enter__()
             engines.append(engine)
             (model,) = llm.apply_model(lambda m: m)
@@ -66,6 +66,9 @@ def set_pinpoints(info, model, pinpoints) -> None:
     """Serve another published config's grids: the processor's and the model's config."""
     info.get_hf_config().image_grid_pinpoints = pinpoints
     model.config.image_grid_pinpoints = pinpoints
+
+
+seen_uniform: list[int] = []
 
 
 def check_case(info, family, model, width: int, height: int, options: dict | None) -> str:
@@ -102,8 +105,12 @@ def check_case(info, family, model, width: int, height: int, options: dict | Non
     assert sent == plan  # the fields carry the plan intact
     emitted = family.emit(model, sent, width, height)
     assert emitted.shape[0] == placeholders, (width, height, options, plan)
+    assert plan.uniform == ((options or {}).get("hivtp_selection") == "uniform")
     empty = any(n == 0 for n in layout.sizes)
-    return ("pruned" if plan.prunes else "full") + (" empty-view" if empty else "")
+    kind = "pruned" if plan.prunes else "full"
+    if plan.prunes and plan.uniform:
+        seen_uniform.append(1)
+    return kind + (" empty-view" if empty else "")
 
 
 @pytest.mark.parametrize(("name", "pinpoints"), CONFIGS, ids=[f"{n}-{p}" for n, p in CONFIGS])
@@ -113,6 +120,7 @@ def test_placeholders_equal_emitted_embeddings(loaded, name, pinpoints):
     if pinpoints != "own":
         set_pinpoints(info, model, family.pinpoints[pinpoints])
     seen: dict[str, int] = {}
+    seen_uniform.clear()
 
     @settings(
         max_examples=CASES,
@@ -134,5 +142,6 @@ def test_placeholders_equal_emitted_embeddings(loaded, name, pinpoints):
     print(f"{family.name} / {pinpoints}: {sum(seen.values())} cases, {seen}")
     # The draw reaches every kind of outcome, so the test is not vacuous.
     assert seen.get("pruned", 0) > CASES // 4 and seen.get("400", 0) > 0
-    if family.pinpoints:
-        assert seen.get("pruned empty-view", 0) + seen.get("full empty-view", 0) > 0
+    assert len(seen_uniform) > CASES // 10  # the uniform baseline is drawn too
+    empty = seen.get("pruned empty-view", 0) + seen.get("full empty-view", 0)
+    assert (empty > 0) == family.empty_views, seen

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers.models.llava_next.modeling_llava_next import (
     get_anyres_image_grid_shape,
     unpad_image,
@@ -22,6 +20,7 @@ import hivtp_vllm
 from hivtp_vllm.contract import Layout, Plan, to_fields
 from hivtp_vllm.pruning import num_retained, select_tokens, split_budget
 from hivtp_vllm.tools.local_server import image_data_url, in_process_llm
+from tests.helpers import anyres_index, noise, process_one, prompt_tokens, stock_and_pruned
 from tests.reference_scores import transformers_scores
 
 SIZES = [(336, 336), (672, 336), (1000, 400), (300, 1200), (200, 150)]  # (width, height)
@@ -45,11 +44,6 @@ def expected_tokens(width: int, height: int, kwargs: dict | None) -> int:
     return num_retained(BASE, r) + num_retained(h * w, r) + h
 
 
-def noise(seed: int, width: int, height: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray((rng.random((height, width, 3)) * 255).astype("uint8"))
-
-
 @pytest.fixture(scope="module")
 def tiny_next(tmp_path_factory) -> object:
     from hivtp_vllm.tools.checkpoints import make_checkpoint
@@ -71,19 +65,8 @@ def next_processor(tiny_next):
 
 
 def placeholder_length(processor, image, kwargs):
-    from vllm.multimodal.processing import ProcessorInputs
-    from vllm.multimodal.processing.context import TimingContext
-
-    token_id = processor.info.get_hf_config().image_token_index
-    inputs = ProcessorInputs(
-        prompt=[1, token_id, 5],
-        mm_data_items=processor.info.parse_mm_data({"image": [image]}),
-        hf_processor_mm_kwargs=kwargs or {},
-    )
-    result = processor.apply(inputs, TimingContext(enabled=False))
-    (placeholder,) = result["mm_placeholders"]["image"]
-    item = result["mm_kwargs"]["image"][0]
-    return placeholder.length, item["hivtp_num_keep"].data.tolist()
+    length, item = process_one(processor, image, kwargs)
+    return length, item["hivtp_num_keep"].data.tolist()
 
 
 @pytest.mark.parametrize("size", SIZES, ids=[f"{w}x{h}" for w, h in SIZES])
@@ -156,19 +139,9 @@ def test_kept_embeddings_and_newlines(next_llm, tiny_next):
         layout = Layout(grids=((24, 24), (hh, ww)), newlines=hh, tiles=tiles)
         plans.append(Plan(layout, tuple(num_keep[-1]), 0.5))
 
-    def run(model):
-        stock = model.embed_multimodal(pixel_values=pixel_values, image_sizes=image_sizes)
-        pruned = model.embed_multimodal(
-            pixel_values=pixel_values, image_sizes=image_sizes, **to_fields(plans)
-        )
-        tiles = pixel_values[0].to(model.vision_tower.dtype)
-        with model.hivtp_recorder.recording(torch.arange(tiles.shape[0])):
-            model._image_pixels_to_features(model.vision_tower, tiles)
-        scores = model.hivtp_recorder.patch_scores().cpu()
-        stock = [s.cpu() for s in stock]
-        return stock, [p.cpu() for p in pruned], model.image_newline.cpu(), scores
-
-    ((stock, pruned, newline, vllm_scores),) = next_llm.apply_model(run)
+    stock, pruned, newline, vllm_scores = stock_and_pruned(
+        next_llm, pixel_values, image_sizes, to_fields(plans)
+    )
     # Scores from vLLM's CLIP, tile by tile, equal transformers' attentions.
     torch.testing.assert_close(
         vllm_scores, transformers_tile_scores(tiny_next, pixel_values[0]), rtol=1e-4, atol=1e-7
@@ -185,11 +158,8 @@ def test_kept_embeddings_and_newlines(next_llm, tiny_next):
         assert hr.shape == (hh, ww)
         base_kept = select_tokens(scores[0].view(24, 24), num_keep[i][0])
         hr_kept = select_tokens(hr, num_keep[i][1])
-        # Stock layout: base 576, then H' rows of W' tokens + 1 newline.
-        layout = torch.zeros(hh, ww + 1, dtype=torch.bool)
-        layout[hr_kept // ww, hr_kept % ww] = True
-        layout[:, ww] = True
-        index = torch.cat([base_kept, BASE + layout.view(-1).nonzero().squeeze(1)])
+        # Stock layout: the base view, then H' rows of W' tokens + 1 newline.
+        index = anyres_index(base_kept, hr_kept, hh, ww, BASE)
         assert torch.allclose(pruned[i], stock[i][index], rtol=0, atol=0)
         # Every row kept its newline, right after that row's kept tokens.
         is_newline = (pruned[i] == newline).all(dim=1)
@@ -206,11 +176,6 @@ def next_servers(server_factory, tiny_next):
         server_factory(tiny_next),
         server_factory(tiny_next, plugin=False),
     )
-
-
-def prompt_tokens(response) -> int:
-    assert response.status_code == 200, response.text
-    return response.json()["usage"]["prompt_tokens"]
 
 
 @pytest.mark.server

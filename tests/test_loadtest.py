@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from hivtp_vllm.tools.local_server import metric
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.server
@@ -46,17 +49,40 @@ def run_locust(host: str, out: Path, *extra: str) -> dict[str, dict[str, str]]:
         return {row["Name"]: row for row in csv.DictReader(f)}
 
 
+def uniform_images(server) -> float:
+    return metric(server.scrape(), "hivtp_images_total", selection="uniform")
+
+
 def test_locust_records_ttft_e2e_and_prompt_size(server_factory, tiny_llava, tmp_path):
     server = server_factory(tiny_llava)
     full = run_locust(server.url, tmp_path / "full")
     pruned = run_locust(server.url, tmp_path / "pruned", "--hivtp-ratio", "0.25")
-    for stats in (full, pruned):
+    before = uniform_images(server)
+    record = tmp_path / "uniform.jsonl"
+    uniform = run_locust(
+        server.url,
+        tmp_path / "uniform",
+        "--hivtp-ratio",
+        "0.25",
+        "--hivtp-selection",
+        "uniform",
+        "--record",
+        str(record),
+    )
+    for stats in (full, pruned, uniform):
         for name in ("request", "TTFT", "E2E", "OUTPUT_TPS"):
             assert int(stats[name]["Request Count"]) > 0, name
             assert int(stats[name]["Failure Count"]) == 0, name
     # TTFT's content size is the prompt's tokens: 576 -> 144 per image.
-    drop = float(full["TTFT"]["Average Content Size"]) - float(
-        pruned["TTFT"]["Average Content Size"]
-    )
-    assert drop == 576 - 144
+    size = {
+        k: float(v["TTFT"]["Average Content Size"])
+        for k, v in [("full", full), ("pruned", pruned), ("uniform", uniform)]
+    }
+    assert size["full"] - size["pruned"] == 576 - 144
+    assert size["uniform"] == size["pruned"]  # the same K tokens, spread evenly
+    # The server ran the uniform baseline on every one of those requests (the
+    # per-request records: locust's CSV is written before the last ones end).
+    records = [json.loads(line) for line in record.read_text().splitlines()]
+    assert records and not any("error" in r for r in records)
+    assert uniform_images(server) - before == len(records)
     server.stop()

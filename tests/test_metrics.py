@@ -31,6 +31,7 @@ def test_counts_are_exact_and_startup_counts_nothing(server_factory, tiny_llava,
         ([image_data_url(2), image_data_url(3)], {"hivtp_retain_ratio": 0.25}, 144),
         ([image_data_url(4)], {"hivtp_retain_ratio": 1.0}, 576),
         ([image_data_url(5)], {"hivtp_num_tokens": 64}, 64),
+        ([image_data_url(7)], {"hivtp_retain_ratio": 0.25, "hivtp_selection": "uniform"}, 144),
     ]
     for images, kwargs, _ in sent:
         assert server.chat(images, kwargs, max_tokens=2).status_code == 200
@@ -46,10 +47,15 @@ def test_counts_are_exact_and_startup_counts_nothing(server_factory, tiny_llava,
     assert value(after, "hivtp_retain_ratio_count", **model) == images
     ratios = [k / 576 for i, _, k in sent for _ in i]
     assert value(after, "hivtp_retain_ratio_sum", **model) == pytest.approx(sum(ratios))
-    # One histogram observation per forward that pruned: three requests
+    # Each series says which selection ran: the uniform baseline apart.
+    assert value(after, "hivtp_images_total", selection="uniform", **model) == 1
+    assert value(after, "hivtp_images_total", selection="hivtp", **model) == images - 1
+    uniform_kept = value(after, "hivtp_visual_tokens_total", kind="retained", selection="uniform")
+    assert uniform_kept == 144
+    # One histogram observation per forward that pruned: four requests
     # pruned (the r = 1.0 one took the stock path), at most one forward per image.
     forwards = value(after, "hivtp_pruning_seconds_count", **model)
-    assert 3 <= forwards <= 4
+    assert 4 <= forwards <= 5
     assert value(after, "hivtp_pruning_seconds_sum", **model) > 0
     inf = value(after, "hivtp_pruning_seconds_bucket", le="+Inf", **model)
     assert inf == forwards

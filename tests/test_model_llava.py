@@ -95,3 +95,29 @@ def test_all_kept_is_stock_and_computes_no_scores(llm, pixel_values):
 
     ((same, recorded, calls),) = llm.apply_model(run)
     assert same and recorded is None and calls == 2  # the tower ran twice, unobserved
+
+
+def test_uniform_baseline_computes_no_scores(llm, pixel_values):
+    """hivtp_selection = uniform: the tower runs unobserved and the kept rows
+    are the stock embeddings at the uniform baseline's tokens."""
+    from hivtp_vllm.pruning import uniform_tokens
+
+    uniform = to_fields([Plan(GRID, (k,), 0.5, uniform=True) for k in (144, 576, 64)])
+
+    def run(model):
+        pv = pixel_values.to(model.vision_tower.dtype)
+        calls = []
+        handle = model.hivtp_recorder.modules[0].register_forward_pre_hook(
+            lambda *_: calls.append(1)
+        )
+        try:
+            stock = model.embed_multimodal(pixel_values=pv)
+            pruned = model.embed_multimodal(pixel_values=pv, **uniform)
+        finally:
+            handle.remove()
+        return stock.cpu(), [p.cpu() for p in pruned], len(calls)
+
+    ((stock, pruned, calls),) = llm.apply_model(run)
+    assert calls == 2  # the band's first layer ran twice (stock, uniform), unobserved
+    for row, k in enumerate((144, 576, 64)):
+        assert torch.equal(pruned[row], stock[row][uniform_tokens(24, 24, k)])

@@ -674,3 +674,62 @@ def test_reference_rejects_invalid():
             reference_select(grid, k)
     with pytest.raises(ValueError):
         reference_select(grid, 4, global_fraction=1.5)
+
+
+# -- the uniform baseline (spec section 6, docs/algorithm.md) -------------------
+
+UNIFORM_CASES = [(24, 24, k) for k in (1, 2, 64, 144, 288, 575, 576)] + [
+    (19, 48, 100),
+    (48, 19, 100),
+    (1, 40, 10),
+    (13, 1, 13),
+    (72, 1, 5),
+    (3, 3, 7),
+    (27, 27, 182),
+    (81, 81, 1640),
+]
+
+
+@pytest.mark.parametrize(("h", "w", "k"), UNIFORM_CASES)
+def test_uniform_tokens_are_k_distinct_sorted_and_on_the_grid(h, w, k):
+    from hivtp_vllm.pruning import uniform_lattice, uniform_tokens
+
+    kept = uniform_tokens(h, w, k)
+    assert kept.shape == (k,) and kept.dtype == torch.long
+    assert bool((kept[1:] > kept[:-1]).all()) and 0 <= int(kept.min()) and int(kept.max()) < h * w
+    a, b = uniform_lattice(h, w, k)
+    assert a * b >= k and 1 <= a <= h and 1 <= b <= w
+    # Every kept token is a cell centre of the a x b split.
+    centre_rows = {((2 * i + 1) * h) // (2 * a) for i in range(a)}
+    centre_cols = {((2 * j + 1) * w) // (2 * b) for j in range(b)}
+    assert {int(x) // w for x in kept} <= centre_rows
+    assert {int(x) % w for x in kept} <= centre_cols
+
+
+def test_uniform_tokens_hand_cases():
+    from hivtp_vllm.pruning import uniform_tokens
+
+    # 24 x 24, K = 144: a 12 x 12 split, centres at odd rows and columns.
+    expected = [r * 24 + c for r in range(1, 24, 2) for c in range(1, 24, 2)]
+    assert uniform_tokens(24, 24, 144).tolist() == expected
+    assert uniform_tokens(24, 24, 576).tolist() == list(range(576))
+    assert uniform_tokens(24, 24, 1).tolist() == [12 * 24 + 12]  # the centre
+    assert uniform_tokens(1, 40, 4).tolist() == [5, 15, 25, 35]
+    with pytest.raises(ValueError):
+        uniform_tokens(24, 24, 577)
+
+
+def test_uniform_tokens_spread_over_the_regions():
+    from hivtp_vllm.pruning import region_quotas, uniform_tokens
+
+    for h, w, k in [(24, 24, 144), (24, 24, 64), (48, 19, 200), (81, 81, 1640)]:
+        region, _ = region_quotas(h, w, 0, (2, 2))
+        counts = torch.bincount(region[uniform_tokens(h, w, k)], minlength=4).tolist()
+        assert max(counts) - min(counts) <= max(2, k // 10), (h, w, k, counts)
+
+
+def test_uniform_tokens_need_no_data():
+    from hivtp_vllm.pruning import uniform_tokens
+
+    out = uniform_tokens(48, 19, 228, device="meta")  # shapes only: no host sync possible
+    assert out.shape == (228,) and out.device.type == "meta"

@@ -235,3 +235,26 @@ def test_hivtp_keys_on_an_architecture_not_pruned_are_a_400(server_factory, tmp_
         assert "LlavaForConditionalGeneration" in error["message"]
     assert server.completion("hello").status_code == 200
     server.stop()
+
+
+def test_uniform_baseline_served_exactly(plugin_server, stock_server):
+    """hivtp_selection = uniform: the same K, a different selection, its own
+    cache entries, and a 400 for a bad value."""
+    full = prompt_tokens(stock_server.chat(IMAGES[:1]))
+    image = [image_data_url(77)]
+    for kwargs, kept in (
+        ({"hivtp_retain_ratio": 0.25, "hivtp_selection": "uniform"}, 144),
+        ({"hivtp_num_tokens": 64, "hivtp_selection": "uniform"}, 64),
+        ({"hivtp_retain_ratio": 1.0, "hivtp_selection": "uniform"}, GRID),
+    ):
+        assert prompt_tokens(plugin_server.chat(image, kwargs)) == full - (GRID - kept), kwargs
+    # Same image and K, alternating selections: each keeps its own answer.
+    answers = {}
+    for selection in ("uniform", "hivtp", "uniform", "hivtp"):
+        kwargs = {"hivtp_retain_ratio": 0.25, "hivtp_selection": selection}
+        body = ok(plugin_server.chat(image, kwargs, max_tokens=8))
+        answers.setdefault(selection, body["choices"][0]["message"]["content"])
+        assert body["choices"][0]["message"]["content"] == answers[selection]
+    bad = plugin_server.chat(image, {"hivtp_selection": "random"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "hivtp_selection"
+    assert "'hivtp', 'uniform'" in bad.json()["error"]["message"]

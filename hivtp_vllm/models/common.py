@@ -30,7 +30,7 @@ from vllm.model_executor.models.vision import run_dp_sharded_vision_model
 
 from hivtp_vllm import contract, params
 from hivtp_vllm.contract import Plan
-from hivtp_vllm.pruning import default_band, select_tokens_batched
+from hivtp_vllm.pruning import default_band, select_tokens_batched, uniform_tokens
 from hivtp_vllm.scoring import ReceivedAttention, check_band
 from hivtp_vllm.timing import PruningTimer
 
@@ -49,7 +49,7 @@ class HivtpModelMixin:
     def _hivtp_setup(self, vllm_config) -> None:
         """Read the server options; hook the band if the tower can be pruned."""
         from hivtp_vllm import metrics
-        from hivtp_vllm.views import supports_pruning
+        from hivtp_vllm.views import cls_tokens
 
         mm_config = vllm_config.model_config.multimodal_config
         histogram = metrics.pruning_histogram(vllm_config.model_config.served_model_name)
@@ -60,11 +60,13 @@ class HivtpModelMixin:
         )
         self.hivtp_recorder = None
         self.hivtp_data_parallel = False
-        if supports_pruning(self.config):
+        leading = cls_tokens(self.config)
+        if leading is not None:
             self.hivtp_recorder = build_recorder(
                 self.vision_tower.vision_model,
                 self.config.vision_config.num_hidden_layers,
                 self.hivtp_server,
+                cls_tokens=leading,
             )
             self.hivtp_recorder.span = self.hivtp_timer.span
             # vLLM builds CLIP unsharded in data mode (is_vit_use_data_parallel);
@@ -115,12 +117,16 @@ class HivtpModelMixin:
         return image_input, plans
 
     def _hivtp_select(
-        self, scores: Sequence[torch.Tensor], keep: Sequence[int], fractions: Sequence[float]
+        self,
+        grids: Sequence[tuple[int, int]],
+        scores: Sequence[torch.Tensor | None],
+        keep: Sequence[int],
+        fractions: Sequence[float],
+        device: torch.device,
     ) -> list[torch.Tensor]:
         """:func:`select_views`, timed with the scoring into the metrics."""
-        device = scores[0].device if scores else torch.device("cpu")
         with self.hivtp_timer.span(device):
-            kept = select_views(scores, keep, fractions, self.hivtp_server.regions)
+            kept = select_views(grids, scores, keep, fractions, self.hivtp_server.regions, device)
         self.hivtp_timer.finish(self.hivtp_counted)
         return kept
 
@@ -131,11 +137,17 @@ def _gather_batch(local: torch.Tensor) -> torch.Tensor:
 
 
 def build_recorder(
-    vision_model: nn.Module, num_layers_total: int, server: params.ServerOptions
+    vision_model: nn.Module,
+    num_layers_total: int,
+    server: params.ServerOptions,
+    *,
+    cls_tokens: int = 1,
 ) -> ReceivedAttention:
-    """Listen to the band's attention in vLLM's CLIP tower.
+    """Listen to the band's attention in vLLM's CLIP or SigLIP tower.
 
-    ``vision_model`` is vLLM's ``CLIPVisionTransformer``; its encoder may stop
+    ``vision_model`` is vLLM's ``CLIPVisionTransformer`` or
+    ``SiglipVisionTransformer`` (the same layout: ``encoder.layers[i].self_attn``
+    calling ``attn(query, key, value)``); its encoder may stop
     before the last layer (LLaVA uses the second-to-last), and the band must
     lie inside the layers it runs. Band defaults follow the encoder's full
     depth (``num_layers_total``), as the spec says.
@@ -172,30 +184,36 @@ def build_recorder(
         # a mean over all heads, so the partial sums are added across workers
         # and every worker ends with the same scores and selection.
         reduce=tensor_model_parallel_all_reduce if sharded else None,
+        cls_tokens=cls_tokens,
     )
 
 
 def select_views(
-    scores: Sequence[torch.Tensor],
+    grids: Sequence[tuple[int, int]],
+    scores: Sequence[torch.Tensor | None],
     num_keep: Sequence[int],
     fractions: Sequence[float],
     regions: tuple[int, int],
+    device: torch.device | str = "cpu",
 ) -> list[torch.Tensor]:
-    """Kept flat indices for each view (``scores[i]`` is ``[H_i, W_i]``).
+    """Kept flat indices for each view (``grids[i]`` is ``(H_i, W_i)``).
 
-    Views are grouped by (grid, K, global fraction) so each group is one
-    batched selection call; the loop runs over distinct groups, not images.
-    A view that keeps nothing (an empty view, spec section 2) gets an empty
-    index and is not selected on.
+    ``scores[i]`` is the view's ``[H_i, W_i]`` score map, or None for the
+    uniform baseline, which needs none (:func:`uniform_tokens`). HIVTP views
+    are grouped by (grid, K, global fraction) so each group is one batched
+    selection call; the loop runs over distinct groups, not images. A view
+    that keeps nothing (an empty view, spec section 2) gets an empty index.
     """
-    kept: list[torch.Tensor | None] = [None] * len(scores)
+    kept: list[torch.Tensor | None] = [None] * len(grids)
     groups: dict[tuple, list[int]] = {}
-    for i, view in enumerate(scores):
-        if int(num_keep[i]) == 0:
-            kept[i] = torch.zeros(0, dtype=torch.long, device=view.device)
-            continue
-        key = (tuple(view.shape), int(num_keep[i]), float(fractions[i]))
-        groups.setdefault(key, []).append(i)
+    for i, (grid, view) in enumerate(zip(grids, scores, strict=True)):
+        k = int(num_keep[i])
+        if k == 0:
+            kept[i] = torch.zeros(0, dtype=torch.long, device=device)
+        elif view is None:
+            kept[i] = uniform_tokens(*grid, k, device=device)
+        else:
+            groups.setdefault((tuple(grid), k, float(fractions[i])), []).append(i)
     for (_, k, fraction), rows in groups.items():
         picked = select_tokens_batched(
             torch.stack([scores[i] for i in rows]), k, regions=regions, global_fraction=fraction

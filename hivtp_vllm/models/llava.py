@@ -47,29 +47,46 @@ class HivtpLlavaForConditionalGeneration(HivtpModelMixin, LlavaForConditionalGen
         if not pruned:
             return self._process_image_input(image_input)  # the stock path
 
-        with self.hivtp_recorder.recording(torch.tensor(pruned)):
+        # Scores only for the images HIVTP selects on; the uniform baseline
+        # needs none, so a batch of uniform images runs the tower unobserved.
+        scored = [i for i in pruned if not plans[i].uniform]
+        if scored:
+            with self.hivtp_recorder.recording(torch.tensor(scored)):
+                features = self._process_image_pixels(image_input)
+            scores = dict(zip(scored, self.hivtp_recorder.patch_scores(), strict=True))
+        else:
             features = self._process_image_pixels(image_input)
-        scores = self.hivtp_recorder.patch_scores()
+            scores = {}
         # Projecting every token then gathering equals gathering then
         # projecting (the projector is per token) and keeps the kept rows
         # bit-identical to the unpruned embeddings; it costs a fraction of a
         # percent of the language model's prefill.
         embeds = self.multi_modal_projector(features)
-        return self.hivtp_emit(embeds, dict(zip(pruned, scores, strict=True)), plans)
+        return self.hivtp_emit(embeds, {i: scores.get(i) for i in pruned}, plans)
 
     def hivtp_emit(
-        self, embeds: torch.Tensor, scores: Mapping[int, torch.Tensor], plans: Sequence[Plan]
+        self,
+        embeds: torch.Tensor,
+        scores: Mapping[int, torch.Tensor | None],
+        plans: Sequence[Plan],
     ) -> list[torch.Tensor]:
         """Each image's kept embeddings, in raster order, from all of them.
 
         ``embeds`` is ``[images, H*W, D]``; ``scores[i]`` the patch scores of
-        image ``i`` where it is pruned (the count property tests run this on
-        random tensors).
+        image ``i`` where it is pruned, None where it takes the uniform
+        baseline (the count property tests run this on random tensors).
         """
+        grids = [plans[i].layout.grids[0] for i in scores]
+        maps = [
+            None if s is None else s.view(grid)
+            for s, grid in zip(scores.values(), grids, strict=True)
+        ]
         kept = self._hivtp_select(
-            [s.view(plans[i].layout.grids[0]) for i, s in scores.items()],
+            grids,
+            maps,
             [plans[i].keep[0] for i in scores],
             [plans[i].global_fraction for i in scores],
+            embeds.device,
         )
         out = list(embeds.unbind(0))
         for row, indices in zip(scores, kept, strict=True):

@@ -3,17 +3,22 @@
 Before switching pruning on, a user wants to see which patches of their own
 images survive at a given ratio. This module answers with the server's own
 pieces, not a re-implementation: the image goes through the checkpoint's own
-image processor, the CLIP tower runs on the checkpoint's own weights
-(:mod:`hivtp_vllm.tools.tower`), the band's attention is scored by the server's
+image processor, the vision tower (CLIP, or SigLIP for LLaVA-OneVision) runs
+on the checkpoint's own weights (:mod:`hivtp_vllm.tools.tower`), the band's
+attention is scored by the server's
 :func:`hivtp_vllm.scoring.received_attention`, budgets come from
-:class:`hivtp_vllm.params.PruningRequest` (a LLaVA-NeXT budget is split over
+:class:`hivtp_vllm.params.PruningRequest` (an anyres budget is split over
 base view and high-res grid exactly as the processor splits it), views are
-laid out by :mod:`hivtp_vllm.views` as the model lays them out, and tokens
-are picked by :func:`hivtp_vllm.pruning.select_tokens`. No vLLM import.
+laid out by :mod:`hivtp_vllm.views` as the model lays them out (stitched and
+unpadded; LLaVA-OneVision's then shrunk past about nine views' tokens), and
+tokens are picked by :func:`hivtp_vllm.pruning.select_tokens`, or, for the
+uniform baseline of the same size (``hivtp_selection: "uniform"``), by
+:func:`hivtp_vllm.pruning.uniform_tokens`, as the server picks them. No vLLM
+import.
 
 Per image it writes ``<stem>.hivtp.png`` (:mod:`hivtp_vllm.tools.heatmap`) and
-``<stem>.hivtp.json``: per request the grid, K and kept flat indices of each
-view, where each grid sits in the picture, and the scores.
+``<stem>.hivtp.json``: per request the selection, the grid, K and kept flat
+indices of each view, where each grid sits in the picture, and the scores.
 """
 
 from __future__ import annotations
@@ -28,15 +33,23 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from hivtp_vllm import params
-from hivtp_vllm.pruning import select_tokens
+from hivtp_vllm.pruning import select_tokens, uniform_tokens
 from hivtp_vllm.tools.heatmap import Panel, View, render
 from hivtp_vllm.tools.tower import BandScorer, Checkpoint, ExplainError, open_checkpoint, progress
 from hivtp_vllm.views import stitch
 
-__all__ = ["ExplainError", "DEFAULT_RATIOS", "explain", "parse_requests", "parse_value"]
+__all__ = [
+    "ExplainError",
+    "DEFAULT_RATIOS",
+    "explain",
+    "parse_requests",
+    "parse_selections",
+    "parse_value",
+]
 
 DEFAULT_RATIOS = (0.5, 0.25, 0.1)
 VIEW_NAMES = {"base": "base view", "highres": "high-res grid"}
+SELECTION_NAMES = {params.HIVTP: "HIVTP", params.UNIFORM: "uniform"}
 
 
 # -- inputs ----------------------------------------------------------------
@@ -58,13 +71,33 @@ def parse_value(value: object) -> object:
     return value
 
 
+def parse_selections(selections: Sequence[object], default: params.PruningRequest) -> list[str]:
+    """``hivtp_selection`` values, validated as a request's; repeats dropped.
+
+    None given means the default request's (``"hivtp"`` unless the options
+    say otherwise).
+    """
+    picked = [params.parse_request({params.SELECTION: s}, default).selection for s in selections]
+    return list(dict.fromkeys(picked)) or [default.selection]
+
+
 def parse_requests(
-    ratios: Sequence[object], num_tokens: Sequence[object], default: params.PruningRequest
+    ratios: Sequence[object],
+    num_tokens: Sequence[object],
+    default: params.PruningRequest,
+    selections: Sequence[object] = (),
 ) -> list[params.PruningRequest]:
-    """One pruning request per panel, validated as a request's keys are."""
-    out = [params.parse_request({params.RATIO: parse_value(r)}, default) for r in ratios]
-    out += [params.parse_request({params.NUM_TOKENS: parse_value(k)}, default) for k in num_tokens]
-    return out
+    """One pruning request per panel, validated as a request's keys are.
+
+    Per ratio, then per budget, one request for each selection, in the
+    order given: HIVTP and uniform at one size end up next to each other.
+    """
+    how = parse_selections(selections, default)
+    sizes = [{params.RATIO: parse_value(r)} for r in ratios]
+    sizes += [{params.NUM_TOKENS: parse_value(k)} for k in num_tokens]
+    return [
+        params.parse_request({**size, params.SELECTION: s}, default) for size in sizes for s in how
+    ]
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -146,20 +179,48 @@ class Selection:
     kept: list[torch.Tensor]
 
     @property
-    def label(self) -> str:
+    def size(self) -> str:
+        """The size asked for: ``r = 0.25`` or ``k = 64``."""
         if self.request.num_tokens is not None:
             return f"k = {self.request.num_tokens}"
         return f"r = {self.request.retain_ratio:g}"
 
+    def label(self, named: bool) -> str:
+        """The size, after the selection's name (``uniform r = 0.25``) if ``named``."""
+        if not named:
+            return self.size
+        return f"{SELECTION_NAMES[self.request.selection]} {self.size}"
+
+
+def pick(
+    scores: torch.Tensor, num_keep: int, ask: params.PruningRequest, regions: tuple[int, int]
+) -> torch.Tensor:
+    """Kept flat indices of one view, as the server's ``select_views`` picks them.
+
+    HIVTP ranks ``scores``; the uniform baseline ignores them and spreads K
+    over the grid; a view that keeps nothing gets an empty index.
+    """
+    if num_keep == 0:
+        return torch.zeros(0, dtype=torch.long)
+    if ask.selection == params.UNIFORM:
+        return uniform_tokens(*scores.shape, num_keep)
+    return select_tokens(scores, num_keep, regions=regions, global_fraction=ask.global_fraction)
+
 
 @dataclass(frozen=True)
 class ImageResult:
-    """Scores per view (named, ``[H, W]``), their pixels, and each selection."""
+    """Scores per view (named, ``[H, W]``), their pixels, and each selection.
+
+    ``unpadded`` is the high-res grid before LLaVA-OneVision's shrink (that
+    of ``scores[1]`` for LLaVA-NeXT); its patches are what ``pixels[1]``
+    shows, so after a shrink a grid cell covers more than one patch.
+    """
 
     names: list[str]
     scores: list[torch.Tensor]
     pixels: list[torch.Tensor]
     tile_grid: tuple[int, int] | None
+    unpadded: tuple[int, int] | None
     selections: list[Selection]
 
 
@@ -173,9 +234,13 @@ def explain_image(
 ) -> ImageResult:
     """Score one image's views and run every request's selection on them.
 
-    LLaVA-NeXT: the processor's tiles are the base view and the high-res
-    tiles; scores (and pixels) of the latter are stitched and unpadded by
-    the model's own function, with the processor's ``image_sizes``.
+    LLaVA-NeXT and LLaVA-OneVision: the processor's tiles are the base view
+    and the high-res tiles; scores (and pixels) of the latter are stitched
+    and unpadded by the model's own function, with the processor's
+    ``image_sizes``, and OneVision's scores are then shrunk as the server
+    shrinks them (:meth:`Checkpoint.resample`). The pixels stay at the
+    unpadded grid's resolution: the picture maps each cell of the shrunk
+    grid onto its share of them.
     """
     batch = processor(images=[image], return_tensors="pt")
     tile_grid, shapes = checkpoint.layout(image)
@@ -184,12 +249,18 @@ def explain_image(
         tiles = tiles[0][: 1 + tile_grid[0] * tile_grid[1]]
     scores = scorer(tiles)
     side, patch = checkpoint.side, checkpoint.config.vision_config.patch_size
+    # The patch convolution sees a tile's first side * patch pixels only
+    # (SigLIP/14 at 384 px: 378 of them); the picture shows those.
+    seen = tiles[:, :, : side * patch, : side * patch].float()
     grids = [scores[0].view(side, side)]
-    pixels = [_to_uint8(tiles[0], processor)]
+    pixels = [_to_uint8(seen[0], processor)]
+    unpadded = None
     if tile_grid is not None:
         size = tuple(int(x) for x in batch["image_sizes"][0])
-        grids.append(stitch(scores[1:, :, None], tile_grid, size)[..., 0])
-        picture = stitch(_patches(tiles[1:].float(), patch), tile_grid, size)
+        highres = stitch(scores[1:, :, None], tile_grid, size)[..., 0]
+        unpadded = (highres.shape[0], highres.shape[1])
+        grids.append(checkpoint.resample(highres[None])[0])
+        picture = stitch(_patches(seen[1:], patch), tile_grid, size)
         pixels.append(_to_uint8(_unpatch(picture, patch), processor))
     if [tuple(g.shape) for g in grids] != shapes:
         raise RuntimeError(f"views {[tuple(g.shape) for g in grids]} are not {shapes}")
@@ -197,28 +268,50 @@ def explain_image(
     selections = []
     for ask in asks:
         num_keep = ask.view_budgets(sizes)
-        kept = [
-            select_tokens(g, k, regions=regions, global_fraction=ask.global_fraction)
-            for g, k in zip(grids, num_keep, strict=True)
-        ]
+        kept = [pick(g, k, ask, regions) for g, k in zip(grids, num_keep, strict=True)]
         selections.append(Selection(ask, num_keep, kept))
     names = ["base", "highres"][: len(grids)]
-    return ImageResult(names, grids, pixels, tile_grid, selections)
+    return ImageResult(names, grids, pixels, tile_grid, unpadded, selections)
 
 
 # -- output ----------------------------------------------------------------
 
 
+def _grid_names(result: ImageResult) -> list[str]:
+    """Each view's name and grid, and where a shrunk grid comes from."""
+    out = []
+    for name, grid in zip(result.names, result.scores, strict=True):
+        text = f"{VIEW_NAMES[name]} {grid.shape[0]} x {grid.shape[1]}"
+        if name == "highres" and tuple(grid.shape) != result.unpadded:
+            text += f" (shrunk from {result.unpadded[0]} x {result.unpadded[1]})"
+        out.append(text)
+    return out
+
+
+def _named(result: ImageResult) -> bool:
+    """Whether labels name the selection: not when every panel is HIVTP."""
+    return any(s.request.selection != params.HIVTP for s in result.selections)
+
+
 def _panels(result: ImageResult) -> list[Panel]:
+    """One panel per request; the selections of one size drawn close together.
+
+    Requests come per size, one for each selection in a fixed order
+    (:func:`parse_requests`), so a panel starts a size's group exactly when
+    its selection is the first one.
+    """
     total = sum(g.numel() for g in result.scores)
+    named = _named(result)
+    first = result.selections[0].request.selection
     panels = []
     for s in result.selections:
         captions = [
-            f"{VIEW_NAMES[n]} {g.shape[0]} x {g.shape[1]}: K = {k} of {g.numel()}"
-            for n, g, k in zip(result.names, result.scores, s.num_keep, strict=True)
+            f"{name}: K = {k} of {g.numel()}"
+            for name, g, k in zip(_grid_names(result), result.scores, s.num_keep, strict=True)
         ]
-        title = f"{s.label}: K = {' + '.join(map(str, s.num_keep))} of {total}"
-        panels.append(Panel(title, s.kept, captions if len(captions) > 1 else []))
+        title = f"{s.label(named)}: K = {' + '.join(map(str, s.num_keep))} of {total}"
+        joined = s.request.selection != first
+        panels.append(Panel(title, s.kept, captions if len(captions) > 1 else [], joined))
     return panels
 
 
@@ -229,13 +322,16 @@ def _document(result: ImageResult, layout: list[dict]) -> dict:
         view = {"name": name, "grid": list(grid.shape), "tokens": grid.numel()}
         if name == "highres":
             view["tile_grid"] = list(result.tile_grid)
+            view["unpadded_grid"] = list(result.unpadded)
         views.append({**view, "scores": grid.reshape(-1).tolist()})
     selections = []
+    named = _named(result)
     for s, placed in zip(result.selections, layout, strict=True):
         ask = s.request
         selections.append(
             {
-                "label": s.label,
+                "label": s.label(named),
+                "selection": ask.selection,
                 "retain_ratio": ask.retain_ratio,
                 "num_tokens": ask.num_tokens,
                 "global_fraction": ask.global_fraction,
@@ -301,13 +397,14 @@ def _plan(
     images: Sequence[str | Path],
     ratios: Sequence[object],
     num_tokens: Sequence[object],
+    selections: Sequence[object],
     options: Mapping[str, object] | None,
     device: str,
 ) -> _Plan:
     server = params.parse_server(options)
     if not ratios and not num_tokens:
         ratios = DEFAULT_RATIOS
-    asks = parse_requests(ratios, num_tokens, server.default)
+    asks = parse_requests(ratios, num_tokens, server.default, selections)
     if not images:
         raise ExplainError("no image given")
     try:
@@ -342,6 +439,7 @@ def explain(
     *,
     ratios: Sequence[object] = (),
     num_tokens: Sequence[object] = (),
+    selections: Sequence[object] = (),
     options: Mapping[str, object] | None = None,
     out_dir: str | Path = ".",
     device: str = "cpu",
@@ -351,16 +449,20 @@ def explain(
     """Write ``<stem>.hivtp.png`` and ``<stem>.hivtp.json`` per image; return their paths.
 
     ``ratios`` and ``num_tokens`` (numbers or their strings) give one panel
-    each, ratios first; neither means 0.5, 0.25 and 0.1. ``options`` are the
-    server's keys (``hivtp_regions``, ``hivtp_layer_start``,
-    ``hivtp_num_layers``, ``hivtp_global_fraction``). Every input is checked
+    each, ratios first; neither means 0.5, 0.25 and 0.1. ``selections``
+    (``"hivtp"``, ``"uniform"``; none: the options' ``hivtp_selection``,
+    else HIVTP) draw each of those panels once per selection, side by side:
+    a uniform panel keeps the uniform baseline of the same K per view over
+    the same heatmap, shown for comparison. ``options`` are the server's keys
+    (``hivtp_regions``, ``hivtp_layer_start``, ``hivtp_num_layers``,
+    ``hivtp_global_fraction``, ``hivtp_selection``). Every input is checked
     before the tower is read, and nothing is written for a bad one.
     """
     if log is None:
         from tqdm.auto import tqdm
 
         log = tqdm.write  # prints above a progress bar, not through it
-    plan = _plan(model, images, ratios, num_tokens, options, device)
+    plan = _plan(model, images, ratios, num_tokens, selections, options, device)
     checkpoint, band = plan.checkpoint, plan.band
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -373,6 +475,8 @@ def explain(
         f"importance: attention received in vision layers {band[0]}-{last}, ranked   "
         "outlined: kept   dimmed: pruned"
     )
+    if any(ask.selection == params.UNIFORM for ask in plan.asks):
+        legend += "   uniform: evenly spread, importance not used"
     about = {
         "checkpoint": checkpoint.name,
         "architecture": checkpoint.architecture,

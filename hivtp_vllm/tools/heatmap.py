@@ -1,12 +1,17 @@
 """The picture of ``hivtp-vllm explain``: heatmap panels, kept patches outlined.
 
 Pillow and torch only (no matplotlib), and the geometry is ours: one pixel of
-the preprocessed image is one pixel of the picture, so a patch is a
-``patch x patch`` cell and a kept patch's outline is the 1-pixel border of
-its cell, in pure cyan. Neither the heat overlay (inferno, blended half
-and half with the image), the dimmed pruned cells, the text nor the panels
-can produce that exact colour, so the outlines can be found by pixel, which
-the tests do. :func:`render` returns where every panel and grid landed.
+the preprocessed image is one pixel of the picture, and a grid of ``H x W``
+cells over a view of ``P x Q`` pixels gives row ``i`` the pixel rows
+``floor(i P / H)`` to ``floor((i + 1) P / H) - 1`` (columns alike). For a
+grid of patches that is exactly the ``patch x patch`` block of each patch;
+for LLaVA-OneVision's shrunk high-res grid each cell gets its proportional
+share of the unpadded region it was resampled from (cells then differ by a
+pixel in size). A kept cell's outline is the 1-pixel border of its cell, in
+pure cyan. Neither the heat overlay (inferno, blended half and half with
+the image), the dimmed pruned cells, the text nor the panels can produce
+that exact colour, so the outlines can be found by pixel, which the tests
+do. :func:`render` returns where every panel and grid landed.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ TEXT = (20, 20, 20)
 ALPHA = 0.5  # share of the heat colour in a cell
 DIM = 0.45  # brightness left to a pruned cell
 MARGIN, GAP, INNER = 12, 16, 10
+JOINED_GAP = 4  # between panels of one group (HIVTP and uniform at one size)
 # matplotlib's "inferno" at 0, 1/8, ..., 1: dark is unimportant, yellow is
 # important; readable over photos and for colour-blind viewers.
 _INFERNO = torch.tensor(
@@ -46,9 +52,11 @@ _INFERNO = torch.tensor(
 
 @dataclass(frozen=True)
 class View:
-    """One grid of one image: its preprocessed pixels and each patch's heat.
+    """One grid of one image: its preprocessed pixels and each cell's heat.
 
-    ``pixels`` is uint8 ``[H*p, W*p, 3]``; ``heat`` is ``[H, W]`` in [0, 1].
+    ``pixels`` is uint8 ``[P, Q, 3]`` (``[H*p, W*p, 3]`` for a grid of
+    ``p``-pixel patches); ``heat`` is ``[H, W]`` in [0, 1], ``H <= P`` and
+    ``W <= Q``.
     """
 
     name: str
@@ -58,11 +66,16 @@ class View:
 
 @dataclass(frozen=True)
 class Panel:
-    """One requested ratio or budget: a title and the kept indices per view."""
+    """One requested ratio or budget: a title and the kept indices per view.
+
+    ``joined``: drawn close to the panel before it, as one group (the same
+    size picked by HIVTP and by the uniform baseline).
+    """
 
     title: str
     kept: Sequence[torch.Tensor]
     captions: Sequence[str] = field(default_factory=list)
+    joined: bool = False
 
 
 def colormap(t: torch.Tensor) -> torch.Tensor:
@@ -73,13 +86,25 @@ def colormap(t: torch.Tensor) -> torch.Tensor:
     return _INFERNO[low] * (1 - frac) + _INFERNO[low + 1] * frac
 
 
+def _cells(pixels: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Along one axis of ``pixels`` split into ``count`` cells: each pixel's
+    cell, and whether the pixel is the first or last of its cell."""
+    if not 0 < count <= pixels:
+        raise ValueError(f"cannot split {pixels} pixels into {count} cells")
+    bounds = torch.arange(count + 1) * pixels // count
+    at = torch.arange(pixels)
+    cell = torch.bucketize(at, bounds[1:], right=True)
+    return cell, (at == bounds[cell]) | (at == bounds[cell + 1] - 1)
+
+
 def compose(view: View, kept: torch.Tensor) -> Image.Image:
     """The view's pixels under its heat, pruned cells dimmed, kept cells outlined."""
     h, w = view.heat.shape
-    patch = view.pixels.shape[0] // h
+    row, edge_y = _cells(view.pixels.shape[0], h)
+    col, edge_x = _cells(view.pixels.shape[1], w)
 
     def up(t: torch.Tensor) -> torch.Tensor:
-        return t.repeat_interleave(patch, 0).repeat_interleave(patch, 1)
+        return t[row][:, col]
 
     mask = torch.zeros(h * w, dtype=torch.bool)
     mask[kept] = True
@@ -87,11 +112,7 @@ def compose(view: View, kept: torch.Tensor) -> Image.Image:
     img = view.pixels.float() * (1 - ALPHA) + up(colormap(view.heat)) * ALPHA
     img = torch.where(mask[..., None], img, img * DIM)
     out = img.round().clamp(0, 255).to(torch.uint8)
-    edge_y = torch.arange(h * patch) % patch
-    edge_x = torch.arange(w * patch) % patch
-    border = ((edge_y == 0) | (edge_y == patch - 1))[:, None] | (
-        (edge_x == 0) | (edge_x == patch - 1)
-    )[None, :]
+    border = edge_y[:, None] | edge_x[None, :]
     out[mask & border] = torch.tensor(OUTLINE, dtype=torch.uint8)
     return Image.fromarray(out.numpy())
 
@@ -117,6 +138,8 @@ def render(
     bar on the second. Boxes are ``[left, top, right, bottom]`` in picture
     pixels (right and bottom exclusive). Views sit side by side in a panel
     when they are taller than wide together, else one above the other.
+    Panels sit in one row, ``GAP`` apart, or ``JOINED_GAP`` after the panel
+    before when ``joined``.
     """
     title_font, caption_font, header_font = _font(16), _font(13), _font(14)
     sizes = [(v.pixels.shape[1], v.pixels.shape[0]) for v in views]
@@ -142,8 +165,11 @@ def render(
     bar_w, low_w = 120, _text_size(header_font, "low ")[0]
     legend_x = MARGIN + low_w + bar_w + 6
     legend = f"high   {legend}"
+    lefts = [MARGIN]
+    for panel in panels[1:]:
+        lefts.append(lefts[-1] + panel_w + (JOINED_GAP if panel.joined else GAP))
     page_w = max(
-        2 * MARGIN + len(panels) * panel_w + GAP * (len(panels) - 1),
+        lefts[-1] + panel_w + MARGIN,
         2 * MARGIN + _text_size(header_font, header)[0],
         MARGIN + legend_x + _text_size(header_font, legend)[0],
     )
@@ -161,8 +187,7 @@ def render(
 
     layout = []
     top = MARGIN + 2 * line_h + GAP
-    for n, panel in enumerate(panels):
-        left = MARGIN + n * (panel_w + GAP)
+    for left, panel in zip(lefts, panels, strict=True):
         draw.rectangle([left, top, left + panel_w - 1, top + panel_h - 1], fill=PANEL)
         draw.text((left + INNER, top + INNER), panel.title, fill=TEXT, font=title_font)
         x, y = left + INNER, top + INNER + title_h

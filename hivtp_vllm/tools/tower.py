@@ -1,10 +1,11 @@
-"""A LLaVA checkpoint's CLIP tower, scoring patches, without vLLM or the LM.
+"""A LLaVA checkpoint's vision tower, scoring patches, without vLLM or the LM.
 
 ``hivtp-vllm explain`` must score with the server's own formula on the
 checkpoint's own weights, but it should not need vLLM, a GPU or the 7B
 language model. So this module reads only the vision tower's tensors from
 the safetensors files (a directory, or just the needed files from the hub),
-builds transformers' ``CLIPVisionModel`` from ``config.vision_config`` cut
+builds transformers' ``CLIPVisionModel`` (LLaVA-1.5, LLaVA-NeXT) or
+``SiglipVisionModel`` (LLaVA-OneVision) from ``config.vision_config`` cut
 after the scoring band's last layer (later layers cannot change the score),
 and feeds the band's queries and keys to the server's
 :func:`hivtp_vllm.scoring.received_attention`.
@@ -30,7 +31,8 @@ from torch import nn
 from hivtp_vllm import MODELS, params
 from hivtp_vllm.pruning import default_band
 from hivtp_vllm.scoring import check_band, mean_patch_scores, received_attention
-from hivtp_vllm.views import highres_layout, layers_run, supports_pruning
+from hivtp_vllm.views import cls_tokens as leading_tokens
+from hivtp_vllm.views import highres_layout, layers_run, shrink, supports_pruning
 
 __all__ = [
     "ExplainError",
@@ -45,7 +47,7 @@ __all__ = [
 # Checkpoint keys of the vision tower, in the hub layout (what vLLM loads and
 # checkpoints.py writes) and in the layouts newer transformers save; what
 # follows the prefix, less a leading "vision_model.", is the key in
-# transformers' CLIPVisionModel.
+# transformers' CLIPVisionModel or SiglipVisionModel.
 _TOWER_PREFIXES = ("model.vision_tower.", "vision_tower.")
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -70,7 +72,7 @@ def progress(items: Iterable, *, total: int, desc: str, show: bool | None, delay
 
 
 def _tower_key(name: str) -> str | None:
-    """The CLIPVisionModel key of a checkpoint tensor, or None if not the tower's."""
+    """The vision model's key of a checkpoint tensor, or None if not the tower's."""
     for prefix in _TOWER_PREFIXES:
         if name.startswith(prefix):
             return name[len(prefix) :].removeprefix("vision_model.")
@@ -122,7 +124,7 @@ def resolve(name: str) -> Path:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A LLaVA or LLaVA-NeXT checkpoint, as far as explain needs it."""
+    """A LLaVA-1.5, LLaVA-NeXT or LLaVA-OneVision checkpoint, as far as explain needs it."""
 
     name: str
     path: Path
@@ -135,31 +137,59 @@ class Checkpoint:
         return self.path.name if Path(self.name).expanduser().is_dir() else self.name
 
     @property
-    def is_next(self) -> bool:
-        return self.architecture == "LlavaNextForConditionalGeneration"
+    def is_anyres(self) -> bool:
+        """A base view plus a high-res grid of tiles (LLaVA-NeXT, LLaVA-OneVision)."""
+        return self.architecture in (
+            "LlavaNextForConditionalGeneration",
+            "LlavaOnevisionForConditionalGeneration",
+        )
+
+    @property
+    def is_onevision(self) -> bool:
+        return self.architecture == "LlavaOnevisionForConditionalGeneration"
+
+    @property
+    def cls_tokens(self) -> int:
+        """Leading non-patch positions of the tower's sequence (CLIP 1, SigLIP 0)."""
+        count = leading_tokens(self.config)
+        if count is None:  # open_checkpoint refuses these
+            raise ExplainError(f"{self.name}: hivtp cannot prune this vision tower")
+        return count
 
     @property
     def side(self) -> int:
-        """Patch grid of one tile (24 for CLIP-L/14 at 336 px)."""
+        """Patch grid of one tile (24 for CLIP-L/14 at 336 px, 27 for SigLIP/14 at 384)."""
         vision = self.config.vision_config
         return vision.image_size // vision.patch_size
+
+    def resample(self, grid: torch.Tensor) -> torch.Tensor:
+        """The unpadded high-res grid ``[C, H', W']`` -> the grid the LM receives.
+
+        LLaVA-OneVision shrinks it bilinearly past about nine views' tokens
+        (:func:`hivtp_vllm.views.shrink`, as the server shrinks the scores);
+        LLaVA-NeXT keeps it as it is.
+        """
+        return shrink(grid, self.side) if self.is_onevision else grid
 
     def layout(self, image: Image.Image) -> tuple[tuple[int, int] | None, list[tuple[int, int]]]:
         """(tile grid or None, grid shape of each view) of an image of this size.
 
         LLaVA-1.5: one ``side x side`` view. LLaVA-NeXT: the base view and the
-        unpadded high-res grid, laid out by the function the model uses.
+        unpadded high-res grid, laid out by the function the model uses;
+        LLaVA-OneVision: that grid after its shrink (:meth:`resample`, run on
+        an empty grid, so the shape is by construction the one it produces).
         """
         base = (self.side, self.side)
-        if not self.is_next:
+        if not self.is_anyres:
             return None, [base]
-        tile_grid, highres = highres_layout(
+        tile_grid, (height, width) = highres_layout(
             (image.height, image.width),
             self.config.image_grid_pinpoints,
             self.config.vision_config.image_size,
             self.side,
         )
-        return tile_grid, [base, highres]
+        highres = self.resample(torch.empty(1, height, width))
+        return tile_grid, [base, (highres.shape[1], highres.shape[2])]
 
     def band(self, server: params.ServerOptions) -> tuple[int, int]:
         """(first layer, layer count) scored, defaults and checks as the server's."""
@@ -212,7 +242,8 @@ def open_checkpoint(name: str) -> Checkpoint:
         strategy = getattr(config, "vision_feature_select_strategy", None)
         raise ExplainError(
             f"{name}: hivtp needs a CLIP vision tower with vision_feature_select_strategy="
-            f"'default'; this checkpoint has {vision} and {strategy!r}"
+            f"'default' or a SigLIP one with 'full'; this checkpoint has {vision} and "
+            f"{strategy!r}"
         )
     return Checkpoint(name, path, config, arch)
 
@@ -267,12 +298,13 @@ def _read_tower(
 
 
 class BandScorer:
-    """The checkpoint's CLIP tower up to the band's last layer, scoring patches.
+    """The checkpoint's vision tower up to the band's last layer, scoring patches.
 
-    Built from ``config.vision_config`` with only ``start + count`` layers and
-    only those layers' tensors read (in float32, on ``device``). The band's
-    query and key projections are tapped with forward hooks and fed to the
-    server's :func:`received_attention`; the attention itself runs however
+    Built from ``config.vision_config`` (``CLIPVisionModel`` or
+    ``SiglipVisionModel``) with only ``start + count`` layers and only those
+    layers' tensors read (in float32, on ``device``). The band's query and
+    key projections are tapped with forward hooks and fed to the server's
+    :func:`received_attention`; the attention itself runs however
     transformers likes (SDPA), since its probabilities are recomputed.
     """
 
@@ -283,7 +315,7 @@ class BandScorer:
         device: str = "cpu",
         show_progress: bool | None = None,
     ) -> None:
-        from transformers import CLIPVisionModel
+        from transformers import CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
         try:
             from transformers.initialization import no_init_weights
@@ -292,17 +324,23 @@ class BandScorer:
         self.start, self.count = band
         vision = copy.deepcopy(checkpoint.config.vision_config)
         vision.num_hidden_layers = self.start + self.count
+        siglip = isinstance(vision, SiglipVisionConfig)
         with no_init_weights():  # every weight is read from the checkpoint next
-            model = CLIPVisionModel(vision)
-        # Only the pooled output goes through the last norm, and nothing here
-        # uses it: not reading it lets a checkpoint that dropped it work too.
-        model.post_layernorm = nn.Identity()
+            model = (SiglipVisionModel if siglip else CLIPVisionModel)(vision)
+        # The last norm (and SigLIP's pooling head) only make outputs after
+        # the band's layers, which nothing here uses: not reading them lets a
+        # checkpoint that dropped them work too (LLaVA-OneVision's features
+        # never go through the head).
+        inner = getattr(model, "vision_model", model)  # older transformers nest it
+        inner.post_layernorm = nn.Identity()
+        if hasattr(inner, "head"):
+            inner.head = nn.Identity()
         model.load_state_dict(
             _read_tower(checkpoint, model.state_dict(), show_progress), assign=True
         )
         self.model = model.to(device).eval()
         self.device = device
-        inner = getattr(self.model, "vision_model", self.model)  # older transformers nest it
+        self.cls_tokens = checkpoint.cls_tokens
         layers = inner.encoder.layers
         self.attention = [layers[i].self_attn for i in range(self.start, self.start + self.count)]
         self.num_heads = self.attention[0].num_heads
@@ -310,8 +348,8 @@ class BandScorer:
 
     @torch.no_grad()
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Scores ``[T, N]`` for ``T`` tiles ``[T, 3, size, size]``, CLS dropped."""
-        with tap_band(self.attention) as taps:
+        """Scores ``[T, N]`` for ``T`` tiles ``[T, 3, size, size]``, CLS (if any) dropped."""
+        with tap_band(self.attention, self.cls_tokens) as taps:
             self.model(pixel_values=pixel_values.to(self.device, torch.float32))
         return taps.patch_scores().cpu()
 
@@ -319,21 +357,22 @@ class BandScorer:
 class BandTaps:
     """What :func:`tap_band` heard: the band's summed received attention."""
 
-    def __init__(self, num_layers: int, num_heads: int) -> None:
-        self.num_layers, self.num_heads = num_layers, num_heads
+    def __init__(self, num_layers: int, num_heads: int, cls_tokens: int = 1) -> None:
+        self.num_layers, self.num_heads, self.cls_tokens = num_layers, num_heads, cls_tokens
         self.total: torch.Tensor | None = None
         self.seconds = 0.0  # host time spent in received_attention
 
     def patch_scores(self) -> torch.Tensor:
-        """Mean received attention per patch, ``[B, N]`` (CLS dropped)."""
+        """Mean received attention per patch, ``[B, N]`` (CLS, if any, dropped)."""
         if self.total is None:
             raise RuntimeError("no attention was heard: the band's layers did not run")
-        return mean_patch_scores(self.total, self.num_layers, self.num_heads)
+        return mean_patch_scores(self.total, self.num_layers, self.num_heads, self.cls_tokens)
 
 
 @contextmanager
-def tap_band(attention: Sequence[nn.Module]) -> Iterator[BandTaps]:
-    """Score from transformers' ``CLIPAttention`` modules during one forward.
+def tap_band(attention: Sequence[nn.Module], cls_tokens: int = 1) -> Iterator[BandTaps]:
+    """Score from transformers' ``CLIPAttention`` or ``SiglipAttention`` modules
+    during one forward; ``cls_tokens``: 1 for CLIP, 0 for SigLIP (no CLS).
 
     transformers calls its attention kernel as a function, not a module, so
     the server's pre-hook on vLLM's attention module has no twin here; the
@@ -342,7 +381,7 @@ def tap_band(attention: Sequence[nn.Module]) -> Iterator[BandTaps]:
     GPU benchmark on a full transformers LLaVA.
     """
     first = attention[0]
-    taps = BandTaps(len(attention), first.num_heads)
+    taps = BandTaps(len(attention), first.num_heads, cls_tokens)
     queries: dict[int, torch.Tensor] = {}
 
     def keep_query(i: int):

@@ -1,0 +1,66 @@
+"""Small helpers the per-family test modules share."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+
+def noise(seed: int, width: int, height: int) -> Image.Image:
+    """A random-noise RGB image (deterministic per seed)."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((height, width, 3)) * 255).astype("uint8"))
+
+
+def prompt_tokens(response) -> int:
+    """``usage.prompt_tokens`` of a chat response that must be a 200."""
+    assert response.status_code == 200, response.text
+    return response.json()["usage"]["prompt_tokens"]
+
+
+def process_one(processor, image: Image.Image, kwargs: dict | None):
+    """vLLM's processor ``apply`` on one image: (placeholder length, its mm kwargs item)."""
+    from vllm.multimodal.processing import ProcessorInputs
+    from vllm.multimodal.processing.context import TimingContext
+
+    token_id = processor.info.get_hf_config().image_token_index
+    inputs = ProcessorInputs(
+        prompt=[1, token_id, 5],
+        mm_data_items=processor.info.parse_mm_data({"image": [image]}),
+        hf_processor_mm_kwargs=kwargs or {},
+    )
+    result = processor.apply(inputs, TimingContext(enabled=False))
+    (placeholder,) = result["mm_placeholders"]["image"]
+    return placeholder.length, result["mm_kwargs"]["image"][0]
+
+
+def stock_and_pruned(llm, pixel_values, image_sizes, fields):
+    """In the loaded model: stock and pruned embeddings of anyres images, the
+    newline embedding, and vLLM's scores of the first image's tiles."""
+    import torch
+
+    def run(model):
+        stock = model.embed_multimodal(pixel_values=pixel_values, image_sizes=image_sizes)
+        pruned = model.embed_multimodal(
+            pixel_values=pixel_values, image_sizes=image_sizes, **fields
+        )
+        tiles = pixel_values[0].to(model.vision_tower.dtype)
+        with model.hivtp_recorder.recording(torch.arange(tiles.shape[0])):
+            model._image_pixels_to_features(model.vision_tower, tiles)
+        scores = model.hivtp_recorder.patch_scores().cpu()
+        stock = [s.cpu() for s in stock]
+        return stock, [p.cpu() for p in pruned], model.image_newline.cpu(), scores
+
+    ((result),) = llm.apply_model(run)
+    return result
+
+
+def anyres_index(base_kept, highres_kept, height: int, width: int, base: int):
+    """Rows of the stock layout (base view, then H' rows of W' tokens and a
+    newline each) that the kept tokens of both views occupy."""
+    import torch
+
+    layout = torch.zeros(height, width + 1, dtype=torch.bool)
+    layout[highres_kept // max(width, 1), highres_kept % max(width, 1)] = True
+    layout[:, width] = True
+    return torch.cat([base_kept, base + layout.view(-1).nonzero().squeeze(1)])
