@@ -60,6 +60,15 @@ def test_bench_language_model_dominates(tmp_path):
     assert isinstance(config, type(AutoConfig.for_model("llava")))
 
 
+def test_onevision_bench_language_model_dominates():
+    from hivtp_vllm.tools.checkpoints import build_config, build_tokenizer
+
+    config = build_config("llava-onevision", "bench", 384, build_tokenizer(video=True))
+    flops = flops_per_image(config)
+    assert flops["visual_tokens"] == 729  # 27 x 27 SigLIP patches, no CLS
+    assert flops["lm_to_vision"] >= 10
+
+
 # -- Qwen2.5-VL / Qwen3-VL ---------------------------------------------------
 
 QWEN = {

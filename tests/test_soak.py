@@ -29,6 +29,6 @@ def test_short_soak_passes_every_check(tiny_llava, tmp_path):
     counts = summary["counts"]
     # Every kind of traffic was really sent, and the totals are not vacuous.
     assert counts["good"] > 50 and counts["dropped"] > 5
-    assert sum(1 for key in counts if key.startswith("bad: ")) == 11
+    assert sum(1 for key in counts if key.startswith("bad: ")) == 12
     assert summary["metrics"]["images"] == summary["sent"]["images"] > 0
     assert summary["metrics"]["retained"] < summary["metrics"]["input"]

@@ -415,7 +415,8 @@ def flops_per_image(config: PreTrainedConfig) -> dict[str, int | float]:
         return qwen_flops_per_image(config)
     v, t = config.vision_config, config.text_config
     grid = v.image_size // v.patch_size
-    n_vis, n_lm = grid * grid + 1, grid * grid
+    # CLIP adds a CLS position to the tower's sequence; SigLIP has none.
+    n_vis, n_lm = grid * grid + int(isinstance(v, CLIPVisionConfig)), grid * grid
     layer = config.vision_feature_layer
     layers = [layer] if isinstance(layer, int) else list(layer)
     v_layers = max(x if x >= 0 else v.num_hidden_layers + x + 1 for x in layers)
