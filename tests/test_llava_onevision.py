@@ -368,13 +368,15 @@ def test_uniform_baseline_computes_no_scores(ov_llm, tiny_ov, pinpoints):
                 "image_sizes": batch["image_sizes"],
             }
             stock = model.embed_multimodal(**kwargs)
+            model.hivtp_recorder._sum = None
             pruned = model.embed_multimodal(**kwargs, **fields)
         finally:
             handle.remove()
-        return stock[0].cpu(), pruned[0].cpu(), len(calls)
+        recorded = model.hivtp_recorder._sum
+        return stock[0].cpu(), pruned[0].cpu(), len(calls), recorded
 
-    ((stock, pruned, calls),) = ov_llm.apply_model(run)
-    assert calls == 2  # one unobserved tower pass each: no scoring hook ran
+    ((stock, pruned, calls, recorded),) = ov_llm.apply_model(run)
+    assert calls == 2 and recorded is None  # one tower pass each, no score recorded
     index = anyres_index(
         uniform_tokens(SIDE, SIDE, keep[0]), uniform_tokens(hh, ww, keep[1]), hh, ww, BASE
     )

@@ -112,12 +112,15 @@ def test_uniform_baseline_computes_no_scores(llm, pixel_values):
         )
         try:
             stock = model.embed_multimodal(pixel_values=pv)
+            model.hivtp_recorder._sum = None
             pruned = model.embed_multimodal(pixel_values=pv, **uniform)
         finally:
             handle.remove()
-        return stock.cpu(), [p.cpu() for p in pruned], len(calls)
+        recorded = model.hivtp_recorder._sum
+        return stock.cpu(), [p.cpu() for p in pruned], len(calls), recorded
 
-    ((stock, pruned, calls),) = llm.apply_model(run)
-    assert calls == 2  # the band's first layer ran twice (stock, uniform), unobserved
+    ((stock, pruned, calls, recorded),) = llm.apply_model(run)
+    # The band's first layer ran twice (stock, uniform) and no score was recorded.
+    assert calls == 2 and recorded is None
     for row, k in enumerate((144, 576, 64)):
         assert torch.equal(pruned[row], stock[row][uniform_tokens(24, 24, k)])
