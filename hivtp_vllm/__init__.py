@@ -1,4 +1,4 @@
-"""hivtp-vllm: HIVTP visual token pruning for vLLM's LLaVA-family models.
+"""hivtp-vllm: HIVTP visual token pruning for vLLM's LLaVA and Qwen-VL models.
 
 Installed, the package is found by vLLM through the ``vllm.general_plugins``
 entry point, which calls :func:`register` in every vLLM process. The pure
@@ -19,6 +19,12 @@ MODELS = {
     "LlavaOnevisionForConditionalGeneration": (
         "hivtp_vllm.models.llava_onevision:HivtpLlavaOnevisionForConditionalGeneration"
     ),
+    "Qwen2_5_VLForConditionalGeneration": (
+        "hivtp_vllm.models.qwen2_5_vl:HivtpQwen2_5_VLForConditionalGeneration"
+    ),
+    "Qwen3VLForConditionalGeneration": (
+        "hivtp_vllm.models.qwen3_vl:HivtpQwen3VLForConditionalGeneration"
+    ),
 }
 
 
@@ -30,6 +36,7 @@ def register() -> None:
     from hivtp_vllm.vllm_compat import (
         allow_hivtp_request_kwargs,
         check_vllm_version,
+        let_models_recompute_mrope,
         let_vllm_limit_image_size,
     )
 
@@ -39,3 +46,4 @@ def register() -> None:
         ModelRegistry.register_model(arch, target)
     allow_hivtp_request_kwargs()
     let_vllm_limit_image_size()
+    let_models_recompute_mrope()

@@ -51,6 +51,12 @@ from hivtp_vllm.views import supports_pruning
 # handed to the hooks vLLM calls inside it (a ``hivtp_`` key, so it never
 # reaches the HF processor or a cache key).
 RESOLVED = "hivtp_resolved"
+NO_KWARGS: Mapping[str, object] = {}
+
+
+def other_kwargs(mm_kwargs: Mapping[str, object]) -> dict[str, object]:
+    """The request's processor options that are not ours."""
+    return params.split_hivtp_keys(mm_kwargs)[1]
 
 
 def as_client_error(exc: params.HivtpParamError) -> VLLMValidationError:
@@ -65,8 +71,19 @@ class HivtpInfoMixin:
     lands in the prompt unpruned, computed the way vLLM counts it.
     """
 
-    def hivtp_layout(self, *, image_width: int, image_height: int) -> Layout:
+    def hivtp_layout(
+        self, *, image_width: int, image_height: int, mm_kwargs: Mapping[str, object] = NO_KWARGS
+    ) -> Layout:
+        """``mm_kwargs``: the request's other processor options (Qwen-VL's
+        pixel bounds change its grid; LLaVA has none that matter)."""
         raise NotImplementedError
+
+    def hivtp_supported(self) -> bool:
+        """Whether HIVTP can score and prune this checkpoint's images."""
+        return supports_pruning(self.get_hf_config())  # type: ignore[attr-defined]
+
+    def hivtp_image_token_id(self) -> int:
+        return self.get_hf_config().image_token_index  # type: ignore[attr-defined]
 
     def hivtp_server_options(self) -> params.ServerOptions:
         mm_config = self.ctx.get_mm_config()  # type: ignore[attr-defined]
@@ -81,7 +98,7 @@ class HivtpInfoMixin:
             request = params.resolve(self.hivtp_server_options(), request_kwargs)
         except params.HivtpParamError as exc:
             raise as_client_error(exc) from exc
-        if request.prunes and not supports_pruning(self.get_hf_config()):  # type: ignore[attr-defined]
+        if request.prunes and not self.hivtp_supported():
             raise VLLMValidationError(
                 "hivtp pruning needs a CLIP vision tower with "
                 "vision_feature_select_strategy='default' or a SigLIP one with 'full'; "
@@ -91,28 +108,42 @@ class HivtpInfoMixin:
         return request
 
     def hivtp_plan(
-        self, *, image_width: int, image_height: int, request: params.PruningRequest
+        self,
+        *,
+        image_width: int,
+        image_height: int,
+        request: params.PruningRequest,
+        mm_kwargs: Mapping[str, object] = NO_KWARGS,
     ) -> Plan:
         """One image's plan, or a 400 naming the key (a budget too large for it)."""
-        layout = self.hivtp_layout(image_width=image_width, image_height=image_height)
+        layout = self.hivtp_layout(
+            image_width=image_width, image_height=image_height, mm_kwargs=mm_kwargs
+        )
         try:
             return contract.plan(layout, request)
         except params.HivtpParamError as exc:
             raise as_client_error(exc) from exc
 
     def get_num_pruned_tokens(
-        self, *, image_width: int, image_height: int, request: params.PruningRequest
+        self,
+        *,
+        image_width: int,
+        image_height: int,
+        request: params.PruningRequest,
+        mm_kwargs: Mapping[str, object] = NO_KWARGS,
     ) -> int:
         """Placeholder tokens (embeddings) the image takes in the prompt."""
         return self.hivtp_plan(
-            image_width=image_width, image_height=image_height, request=request
+            image_width=image_width, image_height=image_height, request=request, mm_kwargs=mm_kwargs
         ).tokens
 
 
 class HivtpLlavaProcessingInfo(HivtpInfoMixin, LlavaProcessingInfo):
     """LLaVA-1.5: one H x W view per image, whatever its size."""
 
-    def hivtp_layout(self, *, image_width: int, image_height: int) -> Layout:
+    def hivtp_layout(
+        self, *, image_width: int, image_height: int, mm_kwargs: Mapping[str, object] = NO_KWARGS
+    ) -> Layout:
         side = self.get_vision_encoder_info().get_patch_grid_length()
         return Layout(grids=((side, side),))
 
@@ -120,7 +151,9 @@ class HivtpLlavaProcessingInfo(HivtpInfoMixin, LlavaProcessingInfo):
 class HivtpAnyresInfoMixin(HivtpInfoMixin):
     """The anyres families: the base view, the high-res grid, and its newlines."""
 
-    def hivtp_layout(self, *, image_width: int, image_height: int) -> Layout:
+    def hivtp_layout(
+        self, *, image_width: int, image_height: int, mm_kwargs: Mapping[str, object] = NO_KWARGS
+    ) -> Layout:
         """Views exactly as vLLM counts them (``_get_num_unpadded_features``,
         which for OneVision includes the ``anyres_max_9`` shrink).
 
@@ -208,8 +241,11 @@ class HivtpProcessorMixin:
         if images is None:
             return
         info = self.info  # type: ignore[attr-defined]
+        rest = other_kwargs(inputs.hf_processor_mm_kwargs)
         plans = [
-            info.hivtp_plan(image_width=s.width, image_height=s.height, request=request)
+            info.hivtp_plan(
+                image_width=s.width, image_height=s.height, request=request, mm_kwargs=rest
+            )
             for i in range(images.get_count())
             if images.get(i) is not None  # referenced by uuid: pixels not at hand
             for s in (images.get_image_size(i),)
@@ -261,9 +297,10 @@ class HivtpProcessorMixin:
             # them back without the inputs; their original sizes travel.
             dims = [(int(w), int(h)) for h, w in processed_data["image_sizes"].tolist()]
         plans = []
+        rest = other_kwargs(hf_processor_mm_kwargs)
         for width, height in dims:
             found = self.info.hivtp_plan(  # type: ignore[attr-defined]
-                image_width=width, image_height=height, request=request
+                image_width=width, image_height=height, request=request, mm_kwargs=rest
             )
             plans.append(dataclasses.replace(found, dummy=self._hivtp_dummy))
         processed_data.update(contract.to_fields(plans))
@@ -291,9 +328,25 @@ class HivtpProcessorMixin:
         updates = super()._get_prompt_updates(  # type: ignore[misc]
             mm_items, hf_processor_mm_kwargs, out_mm_kwargs
         )
+        return [
+            self._hivtp_image_update(mm_items, hf_processor_mm_kwargs, out_mm_kwargs, update)
+            if update.modality == "image"
+            else update
+            for update in updates
+        ]
+
+    def _hivtp_image_update(
+        self,
+        mm_items: MultiModalDataItems,
+        hf_processor_mm_kwargs: Mapping[str, object],
+        out_mm_kwargs: MultiModalKwargsItems,
+        stock: PromptUpdate,
+    ) -> PromptUpdate:
+        """vLLM's image update with K placeholders per image instead."""
         info = self.info  # type: ignore[attr-defined]
         request = info.hivtp_request(hf_processor_mm_kwargs)
-        token_id = info.get_hf_config().image_token_index
+        rest = other_kwargs(hf_processor_mm_kwargs)
+        token_id = info.hivtp_image_token_id()
 
         def replacement(item_idx: int) -> list[int]:
             # Resolved lazily, per item, as vLLM asks: cached items are not in
@@ -304,12 +357,11 @@ class HivtpProcessorMixin:
                 return [token_id] * images.get_feature_size(item_idx)
             size = images.get_image_size(item_idx)
             count = info.get_num_pruned_tokens(
-                image_width=size.width, image_height=size.height, request=request
+                image_width=size.width, image_height=size.height, request=request, mm_kwargs=rest
             )
             return [token_id] * count
 
-        ours = PromptReplacement(modality="image", target=[token_id], replacement=replacement)
-        return [ours if update.modality == "image" else update for update in updates]
+        return PromptReplacement(modality="image", target=[token_id], replacement=replacement)
 
 
 class HivtpLlavaMultiModalProcessor(HivtpProcessorMixin, LlavaMultiModalProcessor):

@@ -22,6 +22,7 @@ import torch
 
 __all__ = [
     "default_band",
+    "windowed_band",
     "num_retained",
     "check_num_tokens",
     "window_size",
@@ -46,6 +47,24 @@ def default_band(num_layers: int) -> tuple[int, int]:
     if num_layers < 1:
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
     return (num_layers + 2) // 4, max(1, (num_layers + 4) // 8)
+
+
+def windowed_band(start: int, count: int, full_layers: Sequence[int]) -> tuple[int, ...]:
+    """The band of a tower that attends globally only in ``full_layers``.
+
+    Spec section 5 (Qwen2.5-VL): windowed layers spread each query over its
+    own window only, so what a token receives there cannot be compared
+    across windows. The band is the full-attention layers in
+    ``[start, start + count)``; if there is none, the one nearest to
+    ``start`` (ties: the lower). Qwen2.5-VL-7B (full attention at 7, 15, 23,
+    31; band (8, 4)): layer 7.
+    """
+    if not full_layers:
+        raise ValueError("full_layers must name at least one layer")
+    inside = tuple(i for i in sorted(full_layers) if start <= i < start + count)
+    if inside:
+        return inside
+    return (min(sorted(full_layers), key=lambda i: abs(i - start)),)
 
 
 def num_retained(num_tokens: int, retain_ratio: float) -> int:

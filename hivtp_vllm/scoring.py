@@ -182,3 +182,65 @@ class ReceivedAttention:
             raise RuntimeError("no attention was recorded: the band's layers did not run")
         total = self._sum if self.reduce is None else self.reduce(self._sum)
         return mean_patch_scores(total, len(self.modules), self.total_heads, self.cls_tokens)
+
+
+class PackedReceivedAttention(ReceivedAttention):
+    """:class:`ReceivedAttention` for towers that pack images into one sequence.
+
+    Qwen-VL's vision tower runs every image of a batch as one sequence of
+    patches and attends within each image's segment only (``cu_seqlens``).
+    Its attention modules are called with keywords, ``query`` and ``key``
+    ``[1, S, heads, head_dim]`` after the rotary embedding. Each image is
+    scored over its own segment (spec section 5): softmax within the
+    segment, sums over its queries. The segments come from the image grids
+    (``lengths``), not from the ``cu_seqlens`` the module gets, whose layout
+    depends on vLLM's attention backend. The result is one score per
+    sequence position, in the tower's own order (Qwen2.5-VL permutes patches
+    by window inside each image); undoing that order is the model's job.
+    """
+
+    def __init__(self, modules: Sequence[nn.Module], **kwargs) -> None:
+        super().__init__(modules, cls_tokens=0, **kwargs)
+        self._segments: list[tuple[int, int]] = []
+        self._length = 0
+
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:  # type: ignore[override]
+        query, key = kwargs["query"], kwargs["key"]
+        with self.span(query.device):
+            part = torch.zeros(self._length, dtype=torch.float32, device=query.device)
+            for lo, hi in self._segments:  # per image, not per token
+                q = query[0, lo:hi].reshape(1, hi - lo, -1)
+                k = key[0, lo:hi].reshape(1, hi - lo, -1)
+                part[lo:hi] = received_attention(q, k, self.num_heads, self.scale)[0]
+            self._sum = part if self._sum is None else self._sum + part
+
+    @contextmanager
+    def recording_segments(  # type: ignore[override]
+        self, lengths: Sequence[int], scored: Sequence[int]
+    ) -> Iterator[PackedReceivedAttention]:
+        """Listen for one tower forward over images of ``lengths`` patches
+        each, in order; only the images at indices ``scored`` are scored."""
+        bounds = [0]
+        for n in lengths:
+            bounds.append(bounds[-1] + int(n))
+        self._segments = [(bounds[i], bounds[i + 1]) for i in scored]
+        self._length = bounds[-1]
+        self._sum = None
+        handles = [m.register_forward_pre_hook(self._hook, with_kwargs=True) for m in self.modules]
+        self._recording = True
+        try:
+            yield self
+        finally:
+            self._recording = False
+            for handle in handles:
+                handle.remove()
+
+    def position_scores(self, lengths: Sequence[int]) -> torch.Tensor:
+        """Mean received attention per sequence position, ``[S]``: each
+        image's sum over layers, heads and its own queries, divided by their
+        number. Positions of images not scored are 0."""
+        if self._sum is None:
+            raise RuntimeError("no attention was recorded: the band's layers did not run")
+        total = self._sum if self.reduce is None else self.reduce(self._sum)
+        queries = torch.cat([torch.full((int(n),), float(n), device=total.device) for n in lengths])
+        return total / (len(self.modules) * self.total_heads * queries)

@@ -41,8 +41,16 @@ def cls_tokens(hf_config: object) -> int | None:
     return None
 
 
+# Qwen-VL configs whose images HIVTP prunes (spec section 5: merged tokens,
+# packed images, windowed attention).
+QWEN_MODEL_TYPES = frozenset({"qwen2_5_vl", "qwen3_vl"})
+
+
 def supports_pruning(hf_config: object) -> bool:
-    """Whether HIVTP can prune this model's images (:func:`cls_tokens`)."""
+    """Whether HIVTP can prune this model's images: a LLaVA tower
+    (:func:`cls_tokens`) or a Qwen-VL one."""
+    if getattr(hf_config, "model_type", None) in QWEN_MODEL_TYPES:
+        return True
     return cls_tokens(hf_config) is not None
 
 

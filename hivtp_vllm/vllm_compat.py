@@ -191,3 +191,42 @@ def let_vllm_limit_image_size() -> None:
 
     if envs.VLLM_MAX_IMAGE_PIXELS > 0:
         Image.MAX_IMAGE_PIXELS = None
+
+
+def let_models_recompute_mrope() -> None:
+    """Let vLLM's model runner call ``recompute_mrope_positions`` for our models.
+
+    Monkeypatch, vLLM 0.32 and 0.33: there is no extension point. The runner
+    calls a model's ``recompute_mrope_positions`` after the encoder (the
+    hook that rewrites M-RoPE positions once pruning has chosen the kept
+    tokens) only when its ``is_multimodal_pruning_enabled`` is set, and
+    ``GPUModelRunner.load_model`` sets it only for vLLM's own video pruning
+    (``--video-pruning-rate``); ``CPUModelRunner.load_model`` never does.
+    The flag is an instance attribute written only there, so each
+    ``load_model`` is wrapped to set it after loading a model that declares
+    ``hivtp_recomputes_mrope`` (hivtp_vllm.models.qwen). Idempotent.
+    """
+    for module_name, class_name in (
+        ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner"),
+        ("vllm.v1.worker.cpu_model_runner", "CPUModelRunner"),
+    ):
+        try:
+            runner = getattr(importlib.import_module(module_name), class_name)
+        except ImportError:  # a build without that runner
+            continue
+        original = runner.__dict__.get("load_model")
+        if original is None or getattr(original, "hivtp_original", None) is not None:
+            continue
+        runner.load_model = _wrap_load_model(original)
+
+
+def _wrap_load_model(original: Callable[..., None]) -> Callable[..., None]:
+    @functools.wraps(original)
+    def load_model(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        if getattr(self.get_model(), "hivtp_recomputes_mrope", False):
+            self.is_multimodal_pruning_enabled = True
+        return result
+
+    load_model.hivtp_original = original  # type: ignore[attr-defined]
+    return load_model

@@ -17,6 +17,7 @@ cases run in seconds; the tower itself is covered by the score tests.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -74,6 +75,10 @@ class Family:
     # 24-patch tiles can be unpadded to no rows or columns; OneVision's odd
     # 27 always leaves one (padding (27 - 0) // 2 = 13 from each side).
     empty_views: bool = False
+    # Qwen-VL: images are resized to multiples of ``unit`` px within these
+    # pixel bounds (the test checkpoint's), one token per unit x unit block.
+    pixel_bounds: tuple[int, int] | None = None
+    unit: int = 28
 
     @property
     def own_pinpoints(self) -> list[list[int]] | None:
@@ -148,6 +153,17 @@ def emit_anyres(model, plan: contract.Plan | None, width: int, height: int) -> t
     return model.hivtp_emit([embeds], scores, plans, sizes)[0]
 
 
+def emit_qwen(
+    name: str, model, plan: contract.Plan | None, width: int, height: int
+) -> torch.Tensor:
+    """Qwen-VL: the merged grid of the resized image (transformers' smart_resize)."""
+    (sizes, _) = reference_views(FAMILIES[name], width, height, None)
+    embeds = [torch.randn(sizes[0], 8)]
+    scores = {0: _scores(plan, sizes[0])} if plan is not None and plan.prunes else {}
+    plans = [plan] if plan is not None else []
+    return model.hivtp_emit(embeds, scores, plans)[0]
+
+
 FAMILIES = {
     "llava": Family("LLaVA-1.5", "llava", emit_llava),
     "llava-next": Family(
@@ -167,6 +183,20 @@ FAMILIES = {
         max_views=9,
         max_model_len=16384,
     ),
+    # Pixel bounds: the tiny checkpoints' preprocessor_config.json.
+    "qwen2.5-vl": Family(
+        "Qwen2.5-VL",
+        "qwen2.5-vl",
+        functools.partial(emit_qwen, "qwen2.5-vl"),
+        pixel_bounds=(3136, 1_003_520),
+    ),
+    "qwen3-vl": Family(
+        "Qwen3-VL",
+        "qwen3-vl",
+        functools.partial(emit_qwen, "qwen3-vl"),
+        pixel_bounds=(65536, 1_310_720),
+        unit=32,
+    ),
 }
 
 
@@ -181,6 +211,12 @@ def reference_views(
     import math
 
     side = family.side
+    if family.pixel_bounds is not None:
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+        low, high = family.pixel_bounds
+        h, w = smart_resize(height, width, factor=family.unit, min_pixels=low, max_pixels=high)
+        return [(h // family.unit) * (w // family.unit)], 0
     if family.arch == "llava":
         return [side * side], 0
     from transformers.models.llava_next.modeling_llava_next import (

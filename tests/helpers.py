@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import io
+
 import numpy as np
+import requests
 from PIL import Image
 
 
@@ -64,3 +68,33 @@ def anyres_index(base_kept, highres_kept, height: int, width: int, base: int):
     layout[highres_kept // max(width, 1), highres_kept % max(width, 1)] = True
     layout[:, width] = True
     return torch.cat([base_kept, base + layout.view(-1).nonzero().squeeze(1)])
+
+
+def video_data_url(seed: int, frames: int = 4, size=(384, 384)) -> str:
+    """A short video as vLLM's ``video/jpeg`` data URL (base64 JPEG frames)."""
+    rng = np.random.default_rng(seed)
+    parts = []
+    for _ in range(frames):
+        buf = io.BytesIO()
+        pixels = (rng.random((size[1], size[0], 3)) * 255).astype("uint8")
+        Image.fromarray(pixels).save(buf, format="JPEG")
+        parts.append(base64.b64encode(buf.getvalue()).decode())
+    return "data:video/jpeg;base64," + ",".join(parts)
+
+
+def chat_with_video(
+    server, video: str, image: str | None, kwargs: dict | None
+) -> requests.Response:
+    content = [{"type": "video_url", "video_url": {"url": video}}]
+    if image:
+        content.append({"type": "image_url", "image_url": {"url": image}})
+    content.append({"type": "text", "text": "What happens?"})
+    body = {
+        "model": server.model,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 6,
+        "temperature": 0.0,
+    }
+    if kwargs is not None:
+        body["mm_processor_kwargs"] = kwargs
+    return requests.post(server.url + "/v1/chat/completions", json=body, timeout=300)

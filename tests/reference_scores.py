@@ -21,3 +21,61 @@ def transformers_scores(
     start, count = default_band(tower.config.num_hidden_layers)
     band = torch.stack(out.attentions[start : start + count])  # [q, B, heads, S, S]
     return band.mean(dim=(0, 2, 3))[:, cls_tokens:]
+
+
+def qwen_transformers_scores(
+    arch: str, checkpoint, pixel_values: torch.Tensor, grid_thw: torch.Tensor, band
+) -> list[torch.Tensor]:
+    """Per image, the mean attention each merged token's 4 patches receive
+    over the ``band`` layers, all heads and the image's own queries, in
+    raster order, from transformers' Qwen2.5-VL or Qwen3-VL tower with eager
+    attention on the checkpoint's weights (attention weights read where
+    transformers' eager attention returns them, per image segment)."""
+    import transformers
+
+    if arch == "qwen2.5-vl":
+        from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as module
+
+        model_cls = transformers.Qwen2_5_VLForConditionalGeneration
+    else:
+        from transformers.models.qwen3_vl import modeling_qwen3_vl as module
+
+        model_cls = transformers.Qwen3VLForConditionalGeneration
+    model = model_cls.from_pretrained(checkpoint, dtype=torch.float32, attn_implementation="eager")
+    tower = model.model.visual
+    layer = {"now": None}
+    received: dict[int, list[torch.Tensor]] = {}
+    original = module.eager_attention_forward
+
+    def eager(attention, query, key, value, *args, **kwargs):
+        out, weights = original(attention, query, key, value, *args, **kwargs)
+        if layer["now"] in band:  # weights [1, heads, queries, keys]
+            received.setdefault(layer["now"], []).append(
+                weights[0].sum(dim=1).mean(dim=0) / weights.shape[-2]
+            )
+        return out, weights
+
+    hooks = [
+        block.register_forward_pre_hook(lambda _m, _a, i=i: layer.__setitem__("now", i))
+        for i, block in enumerate(tower.blocks)
+    ]
+    module.eager_attention_forward = eager
+    try:
+        with torch.no_grad():
+            tower(pixel_values, grid_thw=grid_thw)
+    finally:
+        module.eager_attention_forward = original
+        for hook in hooks:
+            hook.remove()
+    per_position = torch.stack([torch.cat(received[i]) for i in band]).mean(dim=0)
+    merged = per_position.view(-1, 4).mean(dim=1)
+    if arch == "qwen2.5-vl":  # the tower's window order, undone as its merger's output is
+        window_index, _ = module.get_vision_window_index(
+            grid_thw,
+            spatial_merge_size=tower.spatial_merge_size,
+            window_size=tower.window_size,
+            patch_size=tower.patch_size,
+            kwargs={},
+        )
+        merged = merged[torch.argsort(window_index)]
+    return list(merged.split((grid_thw.prod(-1) // 4).tolist()))

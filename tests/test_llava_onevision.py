@@ -8,16 +8,11 @@ vLLM's code or ours.
 
 from __future__ import annotations
 
-import base64
-import io
 import math
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pytest
-import requests
 import torch
-from PIL import Image
 from transformers.models.llava_onevision.modeling_llava_onevision import (
     get_anyres_image_grid_shape,
     unpad_image,
@@ -27,7 +22,15 @@ import hivtp_vllm
 from hivtp_vllm.contract import Layout, Plan, to_fields
 from hivtp_vllm.pruning import num_retained, select_tokens
 from hivtp_vllm.tools.local_server import image_data_url, in_process_llm
-from tests.helpers import anyres_index, noise, process_one, prompt_tokens, stock_and_pruned
+from tests.helpers import (
+    anyres_index,
+    chat_with_video,
+    noise,
+    process_one,
+    prompt_tokens,
+    stock_and_pruned,
+    video_data_url,
+)
 from tests.reference_scores import transformers_scores
 
 BASE = 729  # 27 x 27 SigLIP patches at 384 px
@@ -262,36 +265,6 @@ def test_bad_input_is_a_400(ov_servers):
         assert response.status_code == 400, response.text
         assert response.json()["error"]["param"] == key
     assert ours.alive() and prompt_tokens(ours.chat(image, {"hivtp_retain_ratio": 0.5})) > 0
-
-
-def video_data_url(seed: int, frames: int = 4, size=(384, 384)) -> str:
-    """A short video as vLLM's ``video/jpeg`` data URL (base64 JPEG frames)."""
-    rng = np.random.default_rng(seed)
-    parts = []
-    for _ in range(frames):
-        buf = io.BytesIO()
-        pixels = (rng.random((size[1], size[0], 3)) * 255).astype("uint8")
-        Image.fromarray(pixels).save(buf, format="JPEG")
-        parts.append(base64.b64encode(buf.getvalue()).decode())
-    return "data:video/jpeg;base64," + ",".join(parts)
-
-
-def chat_with_video(
-    server, video: str, image: str | None, kwargs: dict | None
-) -> requests.Response:
-    content = [{"type": "video_url", "video_url": {"url": video}}]
-    if image:
-        content.append({"type": "image_url", "image_url": {"url": image}})
-    content.append({"type": "text", "text": "What happens?"})
-    body = {
-        "model": server.model,
-        "messages": [{"role": "user", "content": content}],
-        "max_tokens": 6,
-        "temperature": 0.0,
-    }
-    if kwargs is not None:
-        body["mm_processor_kwargs"] = kwargs
-    return requests.post(server.url + "/v1/chat/completions", json=body, timeout=300)
 
 
 @pytest.mark.server

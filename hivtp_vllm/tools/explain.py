@@ -35,7 +35,14 @@ from PIL import Image, UnidentifiedImageError
 from hivtp_vllm import params
 from hivtp_vllm.pruning import select_tokens, uniform_tokens
 from hivtp_vllm.tools.heatmap import Panel, View, render
-from hivtp_vllm.tools.tower import BandScorer, Checkpoint, ExplainError, open_checkpoint, progress
+from hivtp_vllm.tools.tower import (
+    BandScorer,
+    Checkpoint,
+    ExplainError,
+    QwenBandScorer,
+    open_checkpoint,
+    progress,
+)
 from hivtp_vllm.views import stitch
 
 __all__ = [
@@ -48,7 +55,7 @@ __all__ = [
 ]
 
 DEFAULT_RATIOS = (0.5, 0.25, 0.1)
-VIEW_NAMES = {"base": "base view", "highres": "high-res grid"}
+VIEW_NAMES = {"base": "base view", "highres": "high-res grid", "merged": "merged grid"}
 SELECTION_NAMES = {params.HIVTP: "HIVTP", params.UNIFORM: "uniform"}
 
 
@@ -244,6 +251,10 @@ def explain_image(
     """
     batch = processor(images=[image], return_tensors="pt")
     tile_grid, shapes = checkpoint.layout(image)
+    if checkpoint.is_qwen:
+        vision = checkpoint.config.vision_config
+        unit = vision.patch_size * vision.spatial_merge_size  # px per merged token
+        return _explain_qwen(scorer, batch, image, shapes[0], unit, asks, regions)
     tiles = batch["pixel_values"]
     if tile_grid is not None:
         tiles = tiles[0][: 1 + tile_grid[0] * tile_grid[1]]
@@ -272,6 +283,22 @@ def explain_image(
         selections.append(Selection(ask, num_keep, kept))
     names = ["base", "highres"][: len(grids)]
     return ImageResult(names, grids, pixels, tile_grid, unpadded, selections)
+
+
+def _explain_qwen(scorer, batch, image, grid, unit, asks, regions) -> ImageResult:
+    """Qwen-VL: one merged grid over the resized image (``unit`` px a token,
+    28 for Qwen2.5-VL); the picture is the image resized as the processor
+    resizes it."""
+    rows, cols = grid
+    scores = scorer(batch["pixel_values"], batch["image_grid_thw"]).view(rows, cols)
+    shown = image.convert("RGB").resize((cols * unit, rows * unit), Image.Resampling.BICUBIC)
+    pixels = torch.frombuffer(bytearray(shown.tobytes()), dtype=torch.uint8)
+    pixels = pixels.view(rows * unit, cols * unit, 3)
+    selections = []
+    for ask in asks:
+        (k,) = ask.view_budgets([rows * cols])
+        selections.append(Selection(ask, [k], [pick(scores, k, ask, regions)]))
+    return ImageResult(["merged"], [scores], [pixels], None, None, selections)
 
 
 # -- output ----------------------------------------------------------------
@@ -468,11 +495,16 @@ def explain(
     out.mkdir(parents=True, exist_ok=True)
     processor = checkpoint.image_processor()
     start = time.perf_counter()
-    scorer = BandScorer(checkpoint, band, device, show_progress)
-    last = sum(band) - 1
+    scorer_class = QwenBandScorer if checkpoint.is_qwen else BandScorer
+    scorer = scorer_class(checkpoint, band, device, show_progress)
+    scored = checkpoint.scored_layers(band)
+    last = max(scored)
     log(f"{checkpoint.label}: vision layers 0-{last} read in {time.perf_counter() - start:.1f} s")
+    which = f"{scored[0]}-{last}" if scored == tuple(range(scored[0], last + 1)) else scored
+    if len(scored) == 1:
+        which = f"{last}"
     legend = (
-        f"importance: attention received in vision layers {band[0]}-{last}, ranked   "
+        f"importance: attention received in vision layers {which}, ranked   "
         "outlined: kept   dimmed: pruned"
     )
     if any(ask.selection == params.UNIFORM for ask in plan.asks):

@@ -29,7 +29,7 @@ from safetensors import safe_open
 from torch import nn
 
 from hivtp_vllm import MODELS, params
-from hivtp_vllm.pruning import default_band
+from hivtp_vllm.pruning import default_band, windowed_band
 from hivtp_vllm.scoring import check_band, mean_patch_scores, received_attention
 from hivtp_vllm.views import cls_tokens as leading_tokens
 from hivtp_vllm.views import highres_layout, layers_run, shrink, supports_pruning
@@ -38,6 +38,7 @@ __all__ = [
     "ExplainError",
     "Checkpoint",
     "BandScorer",
+    "QwenBandScorer",
     "tap_band",
     "open_checkpoint",
     "resolve",
@@ -48,7 +49,7 @@ __all__ = [
 # checkpoints.py writes) and in the layouts newer transformers save; what
 # follows the prefix, less a leading "vision_model.", is the key in
 # transformers' CLIPVisionModel or SiglipVisionModel.
-_TOWER_PREFIXES = ("model.vision_tower.", "vision_tower.")
+_TOWER_PREFIXES = ("model.vision_tower.", "vision_tower.", "model.visual.", "visual.")
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -149,6 +150,36 @@ class Checkpoint:
         return self.architecture == "LlavaOnevisionForConditionalGeneration"
 
     @property
+    def is_qwen(self) -> bool:
+        """Qwen-VL: one merged grid per image, sized by ``smart_resize``."""
+        return self.architecture.startswith("Qwen")
+
+    def scored_layers(self, band: tuple[int, int]) -> tuple[int, ...]:
+        """The layers scored for ``(start, count)``: all of them, or for
+        Qwen2.5-VL's windowed tower the full-attention ones (spec section 5)."""
+        start, count = band
+        full = getattr(self.config.vision_config, "fullatt_block_indexes", None)
+        return windowed_band(start, count, full) if full else tuple(range(start, start + count))
+
+    def qwen_grid(self, image: Image.Image) -> tuple[int, int]:
+        """(rows, cols) of merged tokens: the image resized as its processor does."""
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+        processor = self.image_processor()
+        unit = processor.patch_size * processor.merge_size
+        try:
+            height, width = smart_resize(
+                image.height,
+                image.width,
+                factor=unit,
+                min_pixels=processor.size["shortest_edge"],
+                max_pixels=processor.size["longest_edge"],
+            )
+        except ValueError as exc:  # an aspect ratio over 200
+            raise ExplainError(f"{image.width} x {image.height} px: {exc}") from None
+        return height // unit, width // unit
+
+    @property
     def cls_tokens(self) -> int:
         """Leading non-patch positions of the tower's sequence (CLIP 1, SigLIP 0)."""
         count = leading_tokens(self.config)
@@ -179,6 +210,8 @@ class Checkpoint:
         LLaVA-OneVision: that grid after its shrink (:meth:`resample`, run on
         an empty grid, so the shape is by construction the one it produces).
         """
+        if self.is_qwen:
+            return None, [self.qwen_grid(image)]
         base = (self.side, self.side)
         if not self.is_anyres:
             return None, [base]
@@ -192,14 +225,16 @@ class Checkpoint:
         return tile_grid, [base, (highres.shape[1], highres.shape[2])]
 
     def band(self, server: params.ServerOptions) -> tuple[int, int]:
-        """(first layer, layer count) scored, defaults and checks as the server's."""
-        start, count = default_band(self.config.vision_config.num_hidden_layers)
+        """(first layer, layer count) of the band, defaults and checks as the server's."""
+        vision = self.config.vision_config
+        depth = vision.depth if self.is_qwen else vision.num_hidden_layers
+        start, count = default_band(depth)
         if server.layer_start is not None:
             start = server.layer_start
         if server.num_layers is not None:
             count = server.num_layers
         try:
-            check_band(start, count, layers_run(self.config))
+            check_band(start, count, depth if self.is_qwen else layers_run(self.config))
         except ValueError as exc:
             raise ExplainError(str(exc)) from None
         return start, count
@@ -238,7 +273,7 @@ def open_checkpoint(name: str) -> Checkpoint:
     except (OSError, ValueError) as exc:
         raise ExplainError(f"{name}: cannot load config.json ({exc})") from None
     if not supports_pruning(config):
-        vision = type(getattr(config, "vision_config", None)).__name__
+        vision = type(getattr(config, "vision_config", None)).__name__  # a LLaVA tower
         strategy = getattr(config, "vision_feature_select_strategy", None)
         raise ExplainError(
             f"{name}: hivtp needs a CLIP vision tower with vision_feature_select_strategy="
@@ -352,6 +387,99 @@ class BandScorer:
         with tap_band(self.attention, self.cls_tokens) as taps:
             self.model(pixel_values=pixel_values.to(self.device, torch.float32))
         return taps.patch_scores().cpu()
+
+
+class QwenBandScorer:
+    """A Qwen-VL vision tower up to the last scored layer, scoring merged tokens.
+
+    transformers' ``Qwen2_5_VisionTransformerPretrainedModel`` (Qwen2.5-VL)
+    or ``Qwen3VLVisionModel`` (Qwen3-VL) built from
+    ``config.vision_config`` with only the layers needed, their tensors read
+    from the checkpoint (``model.visual.*``). Its attention runs through an
+    attention function registered with transformers (its extension point)
+    that hands the scored layers' queries and keys, after the rotary
+    embedding and per image, to the server's :func:`received_attention`, as
+    the server's hook does, then runs SDPA. Scores are merged 2 x 2 and put
+    back in raster order, as the server does.
+    """
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        band: tuple[int, int],
+        device: str = "cpu",
+        show_progress: bool | None = None,
+    ) -> None:
+        from transformers import AttentionInterface
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        try:
+            from transformers.initialization import no_init_weights
+        except ImportError:
+            no_init_weights = nullcontext
+        self.layers = checkpoint.scored_layers(band)
+        vision = copy.deepcopy(checkpoint.config.vision_config)
+        vision.depth = max(self.layers) + 1
+        self.windowed = hasattr(vision, "fullatt_block_indexes")  # Qwen2.5-VL
+        if self.windowed:
+            from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
+
+            tower_class = qwen.Qwen2_5_VisionTransformerPretrainedModel
+        else:
+            from transformers.models.qwen3_vl import modeling_qwen3_vl as qwen
+
+            tower_class = qwen.Qwen3VLVisionModel
+        with no_init_weights():
+            model = tower_class._from_config(vision)
+        # Mergers make outputs after (or beside) the band: nothing here uses them.
+        model.merger = nn.Identity()
+        if hasattr(model, "deepstack_merger_list"):
+            model.deepstack_merger_list = nn.ModuleList(
+                nn.Identity() for _ in model.deepstack_merger_list
+            )
+        model.load_state_dict(
+            _read_tower(checkpoint, model.state_dict(), show_progress), assign=True
+        )
+        self.model = model.to(device).eval()
+        self.device = device
+        self.qwen = qwen
+        self.num_heads = vision.num_heads
+        self._layer: int | None = None
+        self._parts: list[torch.Tensor] = []
+        for i, block in enumerate(model.blocks):
+            block.register_forward_pre_hook(lambda _m, _a, i=i: setattr(self, "_layer", i))
+
+        def tap(module, query, key, value, attention_mask, **kwargs):
+            # query, key: [1, heads, n, head_dim], one image (or window) at a time
+            if self._layer in self.layers:
+                n = query.shape[2]
+                q = query.transpose(1, 2).reshape(1, n, -1)
+                k = key.transpose(1, 2).reshape(1, n, -1)
+                self._parts.append(received_attention(q, k, self.num_heads, module.scaling)[0])
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+        AttentionInterface.register("hivtp_tap", tap)
+        model.config._attn_implementation = "hivtp_tap"
+
+    @torch.no_grad()
+    def __call__(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Merged-token scores of one image ``[rows * cols]``, in raster order."""
+        self._parts = []
+        self.model(pixel_values.to(self.device, torch.float32), grid_thw=grid_thw)
+        n = int(grid_thw.prod())
+        per_position = torch.stack(self._parts).view(len(self.layers), n).sum(0)
+        per_position = per_position / (len(self.layers) * self.num_heads * n)
+        merged = per_position.view(-1, 4).mean(dim=1)
+        if not self.windowed:
+            return merged.cpu()
+        window_index, _ = self.qwen.get_vision_window_index(
+            grid_thw,
+            spatial_merge_size=self.model.spatial_merge_size,
+            window_size=self.model.window_size,
+            patch_size=self.model.patch_size,
+            kwargs={},
+        )
+        return merged[torch.argsort(window_index.to(merged.device))].cpu()
 
 
 class BandTaps:

@@ -1,0 +1,289 @@
+"""Model-side HIVTP shared by the Qwen-VL families: score, select, position.
+
+What differs from LLaVA (spec section 5):
+
+- The tower packs all images of a batch into one sequence and attends
+  within each image only; each image is scored over its own segment
+  (:class:`~hivtp_vllm.scoring.PackedReceivedAttention`).
+- The language model gets 2 x 2 merged tokens; a merged token's score is the
+  mean of its 4 patches, which the tower keeps as 4 consecutive positions.
+  Selection runs on the merged grid in raster order.
+- Positions are M-RoPE. The processor gave a pruned image K placeholder
+  tokens; vLLM computes positions when the request arrives
+  (:meth:`get_mrope_input_positions`, here exact for every text token), and
+  the kept tokens' own positions are written after the tower has run
+  (:meth:`recompute_mrope_positions`, vLLM's hook for its video pruning),
+  from columns appended to every emitted embedding (:mod:`hivtp_vllm.mrope`).
+  vLLM's model runner calls that hook only when its own video pruning is on;
+  :func:`hivtp_vllm.vllm_compat.let_models_recompute_mrope` turns it on for
+  these models.
+
+A family gives the tower's band modules and how its sequence order maps to
+raster order (Qwen2.5-VL permutes patches by window).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+from vllm.distributed import tensor_model_parallel_all_reduce
+
+from hivtp_vllm import contract, mrope, params
+from hivtp_vllm.contract import Layout, Plan
+from hivtp_vllm.models.common import logger, select_views
+from hivtp_vllm.processor import NO_KWARGS, HivtpInfoMixin, HivtpProcessorMixin
+from hivtp_vllm.pruning import default_band
+from hivtp_vllm.scoring import PackedReceivedAttention, check_band
+from hivtp_vllm.timing import PruningTimer
+
+MERGE_UNIT = 4  # patches per merged token (2 x 2)
+
+
+class HivtpQwenInfoMixin(HivtpInfoMixin):
+    """Counts from the image size alone: vLLM's own ``smart_resize`` grid."""
+
+    def hivtp_supported(self) -> bool:
+        return True
+
+    def hivtp_image_token_id(self) -> int:
+        return self.get_hf_config().image_token_id  # type: ignore[attr-defined]
+
+    def hivtp_layout(self, *, image_width: int, image_height: int, mm_kwargs=NO_KWARGS) -> Layout:
+        """The merged grid (rows, cols): the resized image over patch x merge."""
+        size, _ = self._get_vision_info(  # type: ignore[attr-defined]
+            image_width=image_width,
+            image_height=image_height,
+            num_frames=1,
+            image_processor=self.get_image_processor(),  # type: ignore[attr-defined]
+            mm_kwargs=mm_kwargs,
+            modality="image",
+        )
+        vision = self.get_hf_config().vision_config  # type: ignore[attr-defined]
+        unit = vision.patch_size * vision.spatial_merge_size
+        return Layout(grids=((size.height // unit, size.width // unit),))
+
+
+class HivtpQwenProcessorMixin(HivtpProcessorMixin):
+    """The image update writes as many pads as the image's plan keeps.
+
+    The plan travels in the processed item (its hivtp fields), so the count
+    is read from it, not recomputed; items without one (client embeddings)
+    keep vLLM's count.
+    """
+
+    def _hivtp_image_update(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs, stock):
+        def replacement(item_idx: int) -> list[int]:
+            item = out_mm_kwargs["image"][item_idx]
+            if contract.NUM_KEEP not in item:
+                return stock.replacement(item_idx)
+            keep = item[contract.NUM_KEEP].data
+            newlines = item[contract.NEWLINES].data
+            return stock.target * (int(keep.sum()) + int(newlines))
+
+        return type(stock)(modality="image", target=stock.target, replacement=replacement)
+
+
+class HivtpQwenModelMixin:
+    """Set-up, image embedding and M-RoPE positions for the Qwen-VL models."""
+
+    # Read by vllm_compat's model-runner wrapper: this model rewrites the
+    # positions of pruned images after the tower (recompute_mrope_positions).
+    hivtp_recomputes_mrope = True
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        # Named parameters: vLLM passes what the signature names.
+        mm_config = vllm_config.model_config.multimodal_config
+        if mm_config is not None and mm_config.video_pruning_rate:
+            raise ValueError(
+                "hivtp: --video-pruning-rate (vLLM's video pruning) cannot be used with "
+                "hivtp-vllm on Qwen-VL: both rewrite the model's M-RoPE positions. "
+                "Serve without it, or without the plugin (VLLM_PLUGINS=none)."
+            )
+        if vllm_config.compilation_config.compile_mm_encoder:
+            raise ValueError(
+                "hivtp: compile_mm_encoder (--compilation-config) compiles the Qwen-VL "
+                "vision blocks, where hivtp-vllm reads the attention with module hooks. "
+                "Serve without it, or without the plugin (VLLM_PLUGINS=none)."
+            )
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        from hivtp_vllm import metrics
+
+        histogram = metrics.pruning_histogram(vllm_config.model_config.served_model_name)
+        self.hivtp_timer = PruningTimer(histogram.observe)
+        self.hivtp_counted = True
+        self.hivtp_server = params.parse_server(
+            mm_config.mm_processor_kwargs if mm_config else None
+        )
+        blocks = self.visual.blocks  # type: ignore[attr-defined]
+        start, count = default_band(len(blocks))
+        if self.hivtp_server.layer_start is not None:
+            start = self.hivtp_server.layer_start
+        if self.hivtp_server.num_layers is not None:
+            count = self.hivtp_server.num_layers
+        try:
+            check_band(start, count, len(blocks))
+        except ValueError as exc:
+            raise ValueError(f"hivtp: bad server option in --mm-processor-kwargs: {exc}") from exc
+        band = self.hivtp_band(start, count)
+        attention = [blocks[i].attn for i in band]
+        local = attention[0].num_attention_heads_per_partition
+        total = self.config.vision_config.num_heads  # type: ignore[attr-defined]
+        logger.info(
+            "hivtp: scoring from vision layers %s of %d, %d/%d heads per worker",
+            list(band),
+            len(blocks),
+            local,
+            total,
+        )
+        self.hivtp_recorder = PackedReceivedAttention(
+            [a.attn for a in attention],
+            num_heads=local,
+            total_heads=total,
+            scale=attention[0].attn.scale,
+            reduce=tensor_model_parallel_all_reduce if local != total else None,
+            span=self.hivtp_timer.span,
+        )
+
+    # -- family hooks ------------------------------------------------------
+    def hivtp_band(self, start: int, count: int) -> Sequence[int]:
+        """The blocks scored for the band ``[start, start + count)``."""
+        return range(start, start + count)
+
+    def hivtp_run_tower(self, pixel_values: torch.Tensor, grid_thw: list[list[int]]):
+        """(merged embeddings in raster order, ``raster(scores)``): the tower's
+        output for all images, and a function that puts per-position scores
+        in the same order as the merged embeddings."""
+        raise NotImplementedError
+
+    # -- images --------------------------------------------------------------
+    def hivtp_embed_images(self, image_input, plans: list[Plan] | None) -> list[torch.Tensor]:
+        """Each image's embeddings (kept ones only where pruned), with
+        position columns."""
+        pruned = [i for i, p in enumerate(plans or []) if p.prunes]
+        if image_input["type"] != "pixel_values" or not pruned:
+            embeds = self._process_image_input(image_input)  # type: ignore[attr-defined]
+            return [with_channels(e, mrope.unchanged_channels(len(e), e)) for e in embeds]
+        grid_thw = image_input["image_grid_thw"].tolist()
+        lengths = [t * h * w for t, h, w in grid_thw]
+        scored = [i for i in pruned if not plans[i].uniform]
+        if scored:
+            with self.hivtp_recorder.recording_segments(lengths, scored):
+                merged, raster = self.hivtp_run_tower(image_input["pixel_values"], grid_thw)
+            per_position = self.hivtp_recorder.position_scores(lengths)
+            merged_scores = raster(per_position.view(-1, MERGE_UNIT).mean(1))
+            scores = merged_scores.split([n // MERGE_UNIT for n in lengths])
+        else:
+            merged, _ = self.hivtp_run_tower(image_input["pixel_values"], grid_thw)
+            scores = [None] * len(lengths)
+        embeds = list(merged.split([n // MERGE_UNIT for n in lengths]))
+        return self.hivtp_emit(embeds, {i: scores[i] for i in pruned}, plans)
+
+    def hivtp_emit(
+        self,
+        embeds: list[torch.Tensor],
+        scores: dict[int, torch.Tensor | None],
+        plans: Sequence[Plan],
+    ) -> list[torch.Tensor]:
+        """Kept rows of each pruned image (raster order) and every row of the
+        others, each with its position columns."""
+        grids = [plans[i].layout.grids[0] for i in scores]
+        maps = [
+            None if s is None else s.view(grid)
+            for s, grid in zip(scores.values(), grids, strict=True)
+        ]
+        device = embeds[0].device
+        with self.hivtp_timer.span(device):
+            kept = select_views(
+                grids,
+                maps,
+                [plans[i].keep[0] for i in scores],
+                [plans[i].global_fraction for i in scores],
+                self.hivtp_server.regions,
+                device,
+            )
+        self.hivtp_timer.finish(self.hivtp_counted)
+        out = [with_channels(e, mrope.unchanged_channels(len(e), e)) for e in embeds]
+        for row, indices, (_, cols) in zip(scores, kept, grids, strict=True):
+            indices = indices.to(device)
+            channels = mrope.position_channels(indices, cols, embeds[row].dtype)
+            out[row] = with_channels(embeds[row][indices], channels)
+        return out
+
+    def hivtp_embed_videos(self, video_input) -> list[torch.Tensor]:
+        """Videos as in vLLM, with columns that leave their positions alone."""
+        embeds = self._process_video_input(video_input)  # type: ignore[attr-defined]
+        return [with_channels(e, mrope.unchanged_channels(len(e), e)) for e in embeds]
+
+    def embed_multimodal(self, **kwargs: object):
+        plans = contract.pop_plans(kwargs)
+        self.hivtp_counted = contract.any_counted(plans)
+        by_modality = self._parse_and_validate_multimodal_inputs(**kwargs)  # type: ignore[attr-defined]
+        out: list[torch.Tensor] = []
+        for modality, media in by_modality.items():  # in the order the prompt has them
+            if modality == "image":
+                out += self.hivtp_embed_images(media, plans)
+            elif modality == "video":
+                out += self.hivtp_embed_videos(media)
+        return tuple(out)
+
+    # -- positions ---------------------------------------------------------
+    def get_mrope_input_positions(self, input_tokens, mm_features):
+        """vLLM's positions of the unpruned prompt, at the pruned prompt's tokens."""
+        runs, grown = [], []
+        for feature in mm_features:
+            place = feature.mm_position
+            full = place.length
+            if feature.modality == "image" and feature.data is not None:
+                full = int(feature.data["image_grid_thw"].data.prod()) // MERGE_UNIT
+            if place.length < full:
+                runs.append((place.offset, place.length, full))
+            grown.append((feature, full))
+        if not runs:
+            return super().get_mrope_input_positions(input_tokens, mm_features)  # type: ignore[misc]
+        tokens, where = mrope.unpruned_prompt(input_tokens, runs)
+        features = [
+            dataclasses.replace(
+                feature,
+                mm_position=dataclasses.replace(
+                    feature.mm_position, offset=where[feature.mm_position.offset], length=full
+                ),
+            )
+            for feature, full in grown
+        ]
+        positions, _ = super().get_mrope_input_positions(tokens, features)  # type: ignore[misc]
+        # Decoding continues where it would unpruned: after the largest position.
+        delta = int(positions.max()) + 1 - len(input_tokens)
+        return positions[:, where], delta
+
+    def recompute_mrope_positions(
+        self,
+        input_ids: list[int],
+        multimodal_embeddings,
+        mrope_positions: torch.Tensor,
+        num_computed_tokens: int,
+    ):
+        config = self.config  # type: ignore[attr-defined]
+        embeds, positions = mrope.place_kept(
+            input_ids,
+            mrope_positions,
+            list(multimodal_embeddings),
+            num_computed_tokens,
+            (config.image_token_id, config.video_token_id),
+            config.vision_start_token_id,
+        )
+        delta = int(positions.max()) + 1 - len(input_ids)
+        return embeds, positions, delta
+
+    def get_encoder_cudagraph_config(self):
+        # Graph replay bypasses embed_multimodal (no selection, no position
+        # columns) and runs no hook; as vLLM does for its own pruning, no
+        # modality is captured.
+        config = super().get_encoder_cudagraph_config()  # type: ignore[misc]
+        config.modalities = []
+        return config
+
+
+def with_channels(embeds: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+    return torch.cat([embeds, channels.to(embeds.dtype)], dim=1)

@@ -1,0 +1,176 @@
+"""Qwen2.5-VL and Qwen3-VL processors: the pads and plans a request gets.
+
+Needs no server and no GPU, so it also runs against each GPU build of vLLM
+(scripts/test.sh). Expected counts come from transformers' ``smart_resize``
+and the spec, not from the plugin.
+"""
+
+from __future__ import annotations
+
+import pytest
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+import hivtp_vllm
+from hivtp_vllm.pruning import num_retained
+from tests.helpers import noise
+
+SIZES = ((448, 336), (1000, 30), (13, 7), (4000, 3000))
+# The tiny checkpoints' pixel bounds and px per merged token.
+BOUNDS = {"qwen2.5-vl": (3136, 1_003_520, 28), "qwen3-vl": (65536, 1_310_720, 32)}
+
+
+@pytest.fixture(scope="module", params=list(BOUNDS))
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def merged(arch):
+    low, high, unit = BOUNDS[arch]
+
+    def count(width: int, height: int, max_pixels: int = high) -> int:
+        h, w = smart_resize(height, width, factor=unit, min_pixels=low, max_pixels=max_pixels)
+        return (h // unit) * (w // unit)
+
+    return count
+
+
+@pytest.fixture(scope="module")
+def processor(tmp_path_factory, arch):
+    from vllm.config import ModelConfig
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    from hivtp_vllm.tools.checkpoints import make_checkpoint
+
+    hivtp_vllm.register()
+    ckpt = make_checkpoint(tmp_path_factory.mktemp(arch) / "tiny", arch=arch)
+    return MULTIMODAL_REGISTRY.create_processor(ModelConfig(model=str(ckpt), max_model_len=8192))
+
+
+def apply(processor, images, kwargs=None, videos=None):
+    from vllm.multimodal.processing import ProcessorInputs
+    from vllm.multimodal.processing.context import TimingContext
+
+    config = processor.info.get_hf_config()
+    prompt = [1, 5]
+    for _ in images:
+        prompt += [config.vision_start_token_id, config.image_token_id, config.vision_end_token_id]
+    for _ in videos or []:
+        prompt += [config.vision_start_token_id, config.video_token_id, config.vision_end_token_id]
+    data: dict = {"image": images}
+    if videos:
+        data["video"] = videos
+    inputs = ProcessorInputs(
+        prompt=prompt + [7],
+        mm_data_items=processor.info.parse_mm_data(data),
+        hf_processor_mm_kwargs=kwargs or {},
+    )
+    return processor.apply(inputs, TimingContext(enabled=False))
+
+
+def test_plugin_processor_is_registered(processor):
+    from hivtp_vllm.models.qwen import HivtpQwenProcessorMixin
+
+    assert isinstance(processor, HivtpQwenProcessorMixin)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        None,
+        {"hivtp_retain_ratio": 1.0},
+        {"hivtp_retain_ratio": 0.5},
+        {"hivtp_retain_ratio": 0.25},
+        {"hivtp_num_tokens": 3},
+        {"hivtp_retain_ratio": 0.25, "hivtp_selection": "uniform"},
+    ],
+)
+def test_pads_per_image(processor, merged, kwargs):
+    images = [noise(i, w, h) for i, (w, h) in enumerate(SIZES)]
+    result = apply(processor, images, kwargs)
+    counts = [merged(w, h) for w, h in SIZES]
+    if kwargs and "hivtp_num_tokens" in kwargs:
+        want = [kwargs["hivtp_num_tokens"]] * len(SIZES)
+    else:
+        want = [num_retained(n, (kwargs or {}).get("hivtp_retain_ratio", 1.0)) for n in counts]
+    assert [p.length for p in result["mm_placeholders"]["image"]] == want
+    pad = processor.info.get_hf_config().image_token_id
+    assert result["prompt_token_ids"].count(pad) == sum(want)
+    items = result["mm_kwargs"]["image"]
+    assert [int(item["hivtp_num_keep"].data[0]) for item in items] == want
+    grids = [tuple(item["hivtp_grids"].data[0].tolist()) for item in items]
+    assert [r * c for r, c in grids] == counts
+
+
+def test_request_pixel_bounds_shape_the_grid(processor, merged, arch):
+    """A request's own ``max_pixels`` (Qwen's processor option) sizes the grid
+    that is counted and pruned, as it sizes vLLM's."""
+    image = noise(9, 2000, 1500)
+    unit = BOUNDS[arch][2]
+    kwargs = {"max_pixels": 256 * unit * unit, "hivtp_retain_ratio": 0.5}
+    (placeholder,) = apply(processor, [image], kwargs)["mm_placeholders"]["image"]
+    n = merged(2000, 1500, max_pixels=256 * unit * unit)
+    assert n < merged(2000, 1500)
+    assert placeholder.length == num_retained(n, 0.5)
+
+
+def test_bad_budget_is_a_400_naming_the_key(processor, merged):
+    from vllm.exceptions import VLLMValidationError
+
+    n = merged(448, 336)
+    with pytest.raises(VLLMValidationError) as info:
+        apply(processor, [noise(0, 448, 336)], {"hivtp_num_tokens": n + 1})
+    assert info.value.parameter == "hivtp_num_tokens" and f"[1, {n}]" in str(info.value)
+
+
+def test_videos_are_left_as_vllm_lays_them_out(processor, merged):
+    import numpy as np
+
+    frames = (np.random.default_rng(0).random((4, 112, 112, 3)) * 255).astype("uint8")
+    metadata = {
+        "fps": 2.0,
+        "duration": 2.0,
+        "total_num_frames": 4,
+        "frames_indices": [0, 1, 2, 3],
+        "video_backend": "opencv",
+        "do_sample_frames": False,
+    }
+    video = (frames, metadata)
+    plain = apply(processor, [noise(1, 448, 336)], None, videos=[video])
+    pruned = apply(processor, [noise(1, 448, 336)], {"hivtp_retain_ratio": 0.25}, videos=[video])
+    lengths = [[p.length for p in r["mm_placeholders"]["video"]] for r in (plain, pruned)]
+    assert lengths[0] == lengths[1] and lengths[0][0] > 0
+    assert pruned["mm_placeholders"]["image"][0].length == num_retained(merged(448, 336), 0.25)
+
+
+def test_runners_let_these_models_recompute_positions():
+    """The model-runner wrap (vllm_compat) is in place on this vLLM, and the
+    flag it sets is the one the runner reads before calling the hook."""
+    import inspect
+
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from hivtp_vllm.vllm_compat import _wrap_load_model
+
+    hivtp_vllm.register()
+    for runner in (GPUModelRunner, CPUModelRunner):
+        assert runner.__dict__["load_model"].hivtp_original is not None
+    gather = inspect.getsource(GPUModelRunner._gather_mm_embeddings)
+    assert "self.is_multimodal_pruning_enabled and self.uses_mrope" in gather
+    assert "self.model.recompute_mrope_positions(" in gather
+
+    class Runner:
+        is_multimodal_pruning_enabled = False
+
+        def __init__(self, model):
+            self.model = model
+
+        def get_model(self):
+            return self.model
+
+    load = _wrap_load_model(lambda self: None)
+    for declared in (True, False):
+        runner = Runner(type("Model", (), {"hivtp_recomputes_mrope": declared})())
+        load(runner)
+        assert runner.is_multimodal_pruning_enabled is declared

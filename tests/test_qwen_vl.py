@@ -1,0 +1,398 @@
+"""Qwen2.5-VL and Qwen3-VL: scores, kept embeddings, M-RoPE positions, servers.
+
+References are independent of the code under test: transformers' own
+Qwen2.5-VL (eager attention, ``get_rope_index``) on the same random-weight
+checkpoint, and stock vLLM with the plugin not loaded.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hivtp_vllm.pruning import (
+    default_band,
+    num_retained,
+    select_tokens,
+    uniform_tokens,
+    windowed_band,
+)
+from hivtp_vllm.tools.checkpoints import make_checkpoint
+from hivtp_vllm.tools.local_server import image_data_url, in_process_llm
+from tests.helpers import chat_with_video, noise, prompt_tokens, video_data_url
+from tests.reference_scores import qwen_transformers_scores
+
+MAX_LEN = 4096
+ARCHS = ("qwen2.5-vl", "qwen3-vl")
+# Pixels per merged token side: patch 14 (Qwen2.5-VL) or 16 (Qwen3-VL) x merge 2.
+UNIT = {"qwen2.5-vl": 28, "qwen3-vl": 32}
+# Two images with text between and after, as a chat prompt.
+PROMPT = (
+    "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Look at this."
+    "<|vision_start|><|image_pad|><|vision_end|>And this one.<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+# Multiples of 224 (28 and 32 both divide it) within the tiny checkpoints'
+# pixel bounds: smart_resize leaves them as they are.
+SIZES = ((448, 224), (224, 672))
+# The same checks with one image and a tall one (rows > cols moves the text after it).
+ONE_IMAGE = (
+    "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe it.<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+PROMPTS = {"two images, text between": (PROMPT, SIZES), "one tall image": (ONE_IMAGE, SIZES[1:])}
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen(tmp_path_factory, arch):
+    out = tmp_path_factory.mktemp(arch) / f"tiny-{arch}"
+    make_checkpoint(out, size="tiny", arch=arch)
+    return out
+
+
+def merged_grid(arch: str, width: int, height: int) -> tuple[int, int]:
+    """(rows, cols) of merged tokens of an image of one of ``SIZES``."""
+    return height // UNIT[arch], width // UNIT[arch]
+
+
+def model_class(arch: str):
+    import transformers
+
+    if arch == "qwen2.5-vl":
+        return transformers.Qwen2_5_VLForConditionalGeneration
+    return transformers.Qwen3VLForConditionalGeneration
+
+
+def scored_layers(vision_config) -> tuple[int, ...]:
+    band = default_band(vision_config.depth)
+    full = getattr(vision_config, "fullatt_block_indexes", None)
+    return windowed_band(*band, full) if full else tuple(range(band[0], sum(band)))
+
+
+def test_band_is_the_full_attention_layer_nearest_the_middle():
+    # Qwen2.5-VL-7B: 32 layers, full attention at 7, 15, 23, 31: band (8, 4).
+    assert default_band(32) == (8, 4)
+    assert windowed_band(8, 4, [7, 15, 23, 31]) == (7,)
+    assert windowed_band(6, 12, [7, 15, 23, 31]) == (7, 15)
+    assert windowed_band(11, 1, [7, 15]) == (7,)  # tie: the lower
+    assert windowed_band(2, 1, [3, 7]) == (3,)  # the tiny checkpoint's band
+
+
+# -- model ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def qwen_llm(tiny_qwen):
+    with in_process_llm(
+        tiny_qwen, max_model_len=MAX_LEN, limit_mm_per_prompt={"image": 2}
+    ) as engine:
+        yield engine
+
+
+def _install_recorders(model) -> bool:
+    """Record the positions the language model gets and what embed_multimodal emits."""
+    records = {"positions": [], "embeds": []}
+    model.test_records = records
+
+    def before_lm(_module, args, kwargs):
+        positions = kwargs["positions"] if "positions" in kwargs else args[0]
+        records["positions"].append(positions.detach().cpu().clone())
+
+    # The first decoder layer: vLLM's compiled model class skips module hooks.
+    model.language_model.model.layers[0].register_forward_pre_hook(before_lm, with_kwargs=True)
+    original = model.embed_multimodal
+
+    def embed(**kwargs):
+        out = original(**kwargs)
+        records["embeds"].append([e.detach().cpu().clone() for e in out])
+        return out
+
+    model.embed_multimodal = embed
+    return True
+
+
+def _run(llm, images, kwargs, prompt=PROMPT):
+    """(pruned prompt ids, prefill positions, decode positions, emitted embeddings)."""
+    from vllm import SamplingParams
+
+    llm.apply_model(lambda m: m.test_records.update(positions=[], embeds=[]))
+    (out,) = llm.generate(
+        {"prompt": prompt, "multi_modal_data": {"image": images}, "mm_processor_kwargs": kwargs},
+        SamplingParams(max_tokens=2, temperature=0.0),
+        use_tqdm=False,
+    )
+    ((positions, embeds),) = llm.apply_model(
+        lambda m: (m.test_records["positions"], m.test_records["embeds"])
+    )
+    ids = list(out.prompt_token_ids)
+    at = next(i for i, p in enumerate(positions) if p.shape[-1] == len(ids))
+    return ids, positions[at], positions[at + 1], embeds[-1]
+
+
+def kept_tokens(embeds: torch.Tensor, cols: int) -> torch.Tensor:
+    """Flat raster indices of an image's emitted tokens, from their position columns."""
+    channels = embeds[:, -4:].round().long()
+    return (channels[:, 0] * 256 + channels[:, 1]) * cols + channels[:, 2] * 256 + channels[:, 3]
+
+
+@pytest.mark.parametrize("case", list(PROMPTS))
+def test_scores_kept_embeddings_and_positions(qwen_llm, tiny_qwen, arch, case):
+    """One pruned prompt, checked against transformers on every count:
+
+    - vLLM's scores equal transformers' eager attention, per image segment,
+      merged 2 x 2 and put back in raster order;
+    - the kept tokens are the spec's selection on those scores;
+    - the kept embeddings equal the unpruned ones at the kept tokens;
+    - the positions the language model gets equal the unpruned prompt's
+      positions (transformers' ``get_rope_index``) at every text token and
+      every kept image token, and decoding continues where it would.
+    """
+    from transformers import AutoProcessor
+
+    qwen_llm.apply_model(_install_recorders)
+    prompt, sizes = PROMPTS[case]
+    images = [noise(40 + i, w, h) for i, (w, h) in enumerate(sizes)]
+    grids = [merged_grid(arch, w, h) for w, h in sizes]
+    processor = AutoProcessor.from_pretrained(tiny_qwen)
+    hf = processor(text=[prompt], images=images, return_tensors="pt")
+    assert [tuple(g) for g in (hf["image_grid_thw"][:, 1:] // 2).tolist()] == grids
+    model = model_class(arch).from_pretrained(tiny_qwen, dtype=torch.float32)
+    want, want_delta = model.model.get_rope_index(
+        hf["input_ids"],
+        hf["mm_token_type_ids"],
+        hf["image_grid_thw"],
+        attention_mask=hf["attention_mask"],
+    )
+    want = want[:, 0]  # [3, N] unpruned positions
+    full_ids = hf["input_ids"][0].tolist()
+
+    # Unpruned: vLLM's positions are transformers' exactly.
+    ids, prefill, decode, stock = _run(qwen_llm, images, {"hivtp_retain_ratio": 1.0}, prompt)
+    assert ids == full_ids
+    assert torch.equal(prefill, want)
+    assert torch.equal(decode[:, 0], want.max() + 1 + torch.zeros(3, dtype=torch.long))
+
+    band = scored_layers(model.config.vision_config)
+    reference = qwen_transformers_scores(
+        arch, tiny_qwen, hf["pixel_values"], hf["image_grid_thw"], band
+    )
+    ratio = 0.25
+    ids, prefill, decode, pruned = _run(qwen_llm, images, {"hivtp_retain_ratio": ratio}, prompt)
+
+    image_token = model.config.image_token_id
+    starts = [i for i, t in enumerate(full_ids) if t == image_token and full_ids[i - 1] != t]
+    unpruned_index = []  # pruned prompt position -> unpruned prompt position
+    cursor, image = 0, -1
+    for j, token in enumerate(ids):
+        if token == image_token:
+            if j == 0 or ids[j - 1] != image_token:
+                image += 1
+                rows, cols = grids[image]
+                kept = kept_tokens(pruned[image], cols)
+                # The kept tokens are the spec's selection on transformers' scores.
+                k = num_retained(rows * cols, ratio)
+                assert len(kept) == k
+                assert torch.equal(kept, select_tokens(reference[image].view(rows, cols), k))
+                # Kept embeddings are the unpruned ones at the kept tokens.
+                assert torch.equal(pruned[image][:, :-4], stock[image][:, :-4][kept])
+                unpruned_index += (starts[image] + kept).tolist()
+                cursor = starts[image] + rows * cols
+        else:
+            while full_ids[cursor] != token:
+                cursor += 1
+            unpruned_index.append(cursor)
+            cursor += 1
+    assert len(unpruned_index) == len(ids)
+    assert torch.equal(prefill, want[:, unpruned_index])
+    assert torch.equal(decode[:, 0], want.max() + 1 + torch.zeros(3, dtype=torch.long))
+
+    # vLLM's own scores, merged and in raster order, equal transformers'.
+    lengths = (hf["image_grid_thw"].prod(-1)).tolist()
+
+    def scores(model):
+        per_position = model.hivtp_recorder.position_scores(lengths)
+        merged = per_position.view(-1, 4).mean(1)
+        if hasattr(model.visual, "fullatt_block_indexes"):  # Qwen2.5-VL's window order
+            metadata = model.visual.prepare_encoder_metadata(hf["image_grid_thw"].tolist())
+            merged = merged[metadata["reverse_indices"]]
+        return merged.cpu()
+
+    (vllm_scores,) = qwen_llm.apply_model(scores)
+    torch.testing.assert_close(vllm_scores, torch.cat(reference), rtol=1e-4, atol=1e-7)
+
+
+def test_uniform_baseline_keeps_the_lattice(qwen_llm, arch):
+    qwen_llm.apply_model(_install_recorders)
+    images = [noise(60 + i, w, h) for i, (w, h) in enumerate(SIZES)]
+    kwargs = {"hivtp_retain_ratio": 0.25, "hivtp_selection": "uniform"}
+    _, _, _, pruned = _run(qwen_llm, images, kwargs)
+    for image, (w, h) in enumerate(SIZES):
+        rows, cols = merged_grid(arch, w, h)
+        kept = kept_tokens(pruned[image], cols)
+        assert torch.equal(kept, uniform_tokens(rows, cols, num_retained(rows * cols, 0.25)))
+
+
+def test_explain_scores_and_keeps_as_the_server(tiny_qwen, arch, tmp_path):
+    """``hivtp-vllm explain`` on Qwen2.5-VL: transformers' scores (which the
+    server's equal, above) and the spec's selection on them."""
+    import json
+
+    from transformers import AutoProcessor
+
+    from hivtp_vllm.tools.explain import explain
+
+    image = noise(33, *SIZES[0])
+    image.save(tmp_path / "a.png")
+    explain(
+        str(tiny_qwen),
+        [tmp_path / "a.png"],
+        ratios=[0.25],
+        out_dir=tmp_path,
+        show_progress=False,
+        log=lambda _: None,
+    )
+    document = json.loads((tmp_path / "a.hivtp.json").read_text())
+    (view,) = document["views"]
+    rows, cols = merged_grid(arch, *SIZES[0])
+    assert view["grid"] == [rows, cols]
+    batch = AutoProcessor.from_pretrained(tiny_qwen).image_processor(
+        images=[image], return_tensors="pt"
+    )
+    vision = model_class(arch).config_class.from_pretrained(tiny_qwen).vision_config
+    (reference,) = qwen_transformers_scores(
+        arch, tiny_qwen, batch["pixel_values"], batch["image_grid_thw"], scored_layers(vision)
+    )
+    torch.testing.assert_close(torch.tensor(view["scores"]), reference, rtol=1e-4, atol=1e-7)
+    (selection,) = document["selections"]
+    k = num_retained(rows * cols, 0.25)
+    assert selection["K"] == k
+    kept = select_tokens(reference.view(rows, cols), k)
+    assert selection["views"][0]["kept"] == kept.tolist()
+
+
+def test_encoder_cuda_graphs_capture_nothing(qwen_llm):
+    """Graph replay would bypass the selection and the position columns."""
+    (modalities,) = qwen_llm.apply_model(lambda m: m.get_encoder_cudagraph_config().modalities)
+    assert modalities == []
+
+
+@pytest.mark.parametrize(
+    ("option", "says"),
+    [
+        ({"video_pruning_rate": 0.5}, "--video-pruning-rate"),
+        ({"compilation_config": {"compile_mm_encoder": True}}, "compile_mm_encoder"),
+    ],
+)
+def test_conflicting_server_options_are_refused_at_start(tiny_qwen, option, says):
+    with pytest.raises(Exception, match="hivtp") as info:
+        with in_process_llm(tiny_qwen, max_model_len=MAX_LEN, **option):
+            pass
+    assert says in str(info.value) or says in repr(info.getrepr())
+
+
+# -- server -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def qwen_servers(server_factory, tiny_qwen):
+    args = ("--max-model-len", str(MAX_LEN), "--limit-mm-per-prompt", '{"image": 2, "video": 1}')
+    ours = server_factory(tiny_qwen, *args)
+    stock = server_factory(tiny_qwen, *args, plugin=False)
+    yield ours, stock
+    ours.stop()
+    stock.stop()
+
+
+def expected_tokens(arch: str, size: tuple[int, int], kwargs: dict | None) -> int:
+    rows, cols = merged_grid(arch, *size)
+    n = rows * cols
+    if not kwargs:
+        return n
+    if "hivtp_num_tokens" in kwargs:
+        return kwargs["hivtp_num_tokens"]
+    return num_retained(n, kwargs["hivtp_retain_ratio"])
+
+
+@pytest.mark.server
+def test_served_counts_and_full_ratio_matches_stock(qwen_servers, arch):
+    ours, stock = qwen_servers
+    images = [image_data_url(70 + i, w, h) for i, (w, h) in enumerate(SIZES)]
+    want = stock.chat(images).json()
+    text = want["usage"]["prompt_tokens"] - sum(expected_tokens(arch, s, None) for s in SIZES)
+    for kwargs in (None, {"hivtp_retain_ratio": 1.0}):
+        got = ours.chat(images, kwargs).json()
+        assert got["usage"] == want["usage"]
+        assert got["choices"][0]["message"] == want["choices"][0]["message"]
+    for kwargs in (
+        {"hivtp_retain_ratio": 0.5},
+        {"hivtp_retain_ratio": 0.25},
+        {"hivtp_num_tokens": 9},
+        {"hivtp_retain_ratio": 0.25, "hivtp_selection": "uniform"},
+    ):
+        visual = sum(expected_tokens(arch, s, kwargs) for s in SIZES)
+        assert prompt_tokens(ours.chat(images, kwargs)) == text + visual, kwargs
+
+
+@pytest.mark.server
+def test_bad_input_is_a_400_and_the_server_stays_up(qwen_servers):
+    ours, _ = qwen_servers
+    image = image_data_url(80, 448, 448)
+    for kwargs, key in (
+        ({"hivtp_retain_ratio": 0}, "hivtp_retain_ratio"),
+        ({"hivtp_num_tokens": 10**6}, "hivtp_num_tokens"),
+        ({"hivtp_selection": "best"}, "hivtp_selection"),
+    ):
+        response = ours.chat([image], kwargs)
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == key
+    assert prompt_tokens(ours.chat([image], {"hivtp_retain_ratio": 0.5})) > 0
+
+
+@pytest.mark.server
+def test_videos_are_served_as_stock(qwen_servers, arch):
+    """hivtp keys apply to images only: a video's tokens and answer are stock's,
+    alone or next to a pruned image (whose positions are rewritten after the
+    tower while the video's stay as vLLM made them)."""
+    ours, stock = qwen_servers
+    video = video_data_url(90, frames=4, size=(112, 112))
+    want = chat_with_video(stock, video, None, None).json()
+    for kwargs in (None, {"hivtp_retain_ratio": 0.25}):
+        got = chat_with_video(ours, video, None, kwargs).json()
+        assert got["usage"] == want["usage"], kwargs
+        assert got["choices"][0]["message"] == want["choices"][0]["message"]
+    image = image_data_url(91, *SIZES[0])
+    both = prompt_tokens(chat_with_video(stock, video, image, None))
+    pruned = prompt_tokens(chat_with_video(ours, video, image, {"hivtp_retain_ratio": 0.25}))
+    saved = expected_tokens(arch, SIZES[0], None) - expected_tokens(
+        arch, SIZES[0], {"hivtp_retain_ratio": 0.25}
+    )
+    assert both - pruned == saved > 0
+
+
+@pytest.mark.server
+def test_metrics_count_qwen_images_and_tokens(qwen_servers, arch):
+    from hivtp_vllm.tools.local_server import metric
+
+    ours, _ = qwen_servers
+    before = ours.scrape()
+    images = [image_data_url(95 + i, w, h) for i, (w, h) in enumerate(SIZES)]
+    kwargs = {"hivtp_retain_ratio": 0.25}
+    assert ours.chat(images, kwargs).status_code == 200
+    after = ours.scrape()
+    labels = {"model_name": ours.model}
+
+    def delta(name: str, **more: str) -> float:
+        return metric(after, name, **more, **labels) - metric(before, name, **more, **labels)
+
+    assert delta("hivtp_images_total") == len(SIZES)
+    assert delta("hivtp_visual_tokens_total", kind="input") == sum(
+        expected_tokens(arch, s, None) for s in SIZES
+    )
+    assert delta("hivtp_visual_tokens_total", kind="retained") == sum(
+        expected_tokens(arch, s, kwargs) for s in SIZES
+    )
