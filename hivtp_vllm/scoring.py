@@ -139,10 +139,18 @@ class ReceivedAttention:
     def recording(self, rows: torch.Tensor | None = None) -> Iterator[ReceivedAttention]:
         """Listen to the band's modules for the duration of one tower forward."""
         self._sum, self._rows = None, rows
-        handles = [m.register_forward_pre_hook(self._hook) for m in self.modules]
+        with self._listening(with_kwargs=False):
+            yield self
+
+    @contextmanager
+    def _listening(self, *, with_kwargs: bool) -> Iterator[None]:
+        """:meth:`_hook` on the band's modules, for one forward."""
+        handles = [
+            m.register_forward_pre_hook(self._hook, with_kwargs=with_kwargs) for m in self.modules
+        ]
         self._recording = True
         try:
-            yield self
+            yield
         finally:
             self._recording = False
             for handle in handles:
@@ -215,7 +223,7 @@ class PackedReceivedAttention(ReceivedAttention):
             self._sum = part if self._sum is None else self._sum + part
 
     @contextmanager
-    def recording_segments(  # type: ignore[override]
+    def recording_segments(
         self, lengths: Sequence[int], scored: Sequence[int]
     ) -> Iterator[PackedReceivedAttention]:
         """Listen for one tower forward over images of ``lengths`` patches
@@ -226,14 +234,8 @@ class PackedReceivedAttention(ReceivedAttention):
         self._segments = [(bounds[i], bounds[i + 1]) for i in scored]
         self._length = bounds[-1]
         self._sum = None
-        handles = [m.register_forward_pre_hook(self._hook, with_kwargs=True) for m in self.modules]
-        self._recording = True
-        try:
+        with self._listening(with_kwargs=True):
             yield self
-        finally:
-            self._recording = False
-            for handle in handles:
-                handle.remove()
 
     def position_scores(self, lengths: Sequence[int]) -> torch.Tensor:
         """Mean received attention per sequence position, ``[S]``: each

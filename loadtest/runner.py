@@ -1,7 +1,7 @@
 """Load-test runner: the plugin's server, stock vLLM, locust phases, one report.
 
     .venv/bin/python loadtest/runner.py                     # LLaVA-1.5: 7 phases, ~14 min
-    .venv/bin/python loadtest/runner.py --arch llava-next   # or llava-onevision
+    .venv/bin/python loadtest/runner.py --arch llava-next   # llava-onevision, qwen2.5-vl, qwen3-vl
     .venv/bin/python loadtest/runner.py --plan              # what it would run, then exit
 
 What it does, bounded and on loopback only:
@@ -72,14 +72,14 @@ PLUGIN = "plugin"  # the server a phase runs on: PLUGIN, STOCK or CEILING
 
 @dataclass(frozen=True)
 class Family:
-    """One LLaVA family: its checkpoint, default traffic and report names."""
+    """One model family: its checkpoint, default traffic and report names."""
 
     arch: str  # make-model --arch
     slug: str  # section load-<slug> in docs/benchmarks.md, charts docs/img/load-<slug>-*.png
     title: str
     image_sizes: str
     phases: str
-    # Tile size of the ceiling twin (None: no meaningful ceiling, see NO_CEILING).
+    # Tile size of the ceiling twin (None: no ceiling phase; ``ceiling_note`` says why).
     ceiling_px: int | None
     server_args: tuple[str, ...] = ()
     ceiling_note: str = ""
@@ -118,16 +118,29 @@ FAMILIES: dict[str, Family] = {
         # An image of up to 3 x 3 tiles of 384 px takes about 7,400 tokens; 8,192
         # of them fit the default 512 MiB KV cache of the bench model (48 KiB a token).
         server_args=("--max-model-len", "8192"),
+        ceiling_note="No ceiling phase: OneVision picks its tile grid from the image's size "
+        "among 1..6 x 1..6 tiles, so a checkpoint with half-size tiles gives the same image "
+        "four times the tiles (then shrinks the grid to about 9 tiles' worth: anyres_max_9), "
+        "not a quarter of the patches; no twin carries r = 0.25's tokens with a quarter of the "
+        "tower's work. The uniform r = 0.25 phase still splits HIVTP's cost from the tower's.",
     ),
+    # 896 x 896: 32 x 32 = 1024 tokens (Qwen2.5-VL, 28 px a token), 28 x 28 = 784 (Qwen3-VL).
+    **{
+        arch: Family(
+            arch,
+            arch,
+            title,
+            "896x896",
+            "1.0,0.5,0.25,uniform0.25,stock",
+            None,
+            server_args=("--max-model-len", "8192"),
+            ceiling_note="No ceiling phase: a Qwen-VL image's token count follows its pixel "
+            "bounds, not a twin checkpoint's tile size; the uniform r = 0.25 phase splits "
+            "HIVTP's cost from the tower's.",
+        )
+        for arch, title in (("qwen2.5-vl", "Qwen2.5-VL"), ("qwen3-vl", "Qwen3-VL"))
+    },
 }
-
-NO_CEILING = (
-    "No ceiling phase: OneVision picks its tile grid from the image's size among 1..6 x 1..6 "
-    "tiles, so a checkpoint with half-size tiles gives the same image four times the tiles "
-    "(then shrinks the grid to about 9 tiles' worth: anyres_max_9), not a quarter of the "
-    "patches; no twin carries r = 0.25's tokens with a quarter of the tower's work. The "
-    "uniform r = 0.25 phase still splits HIVTP's cost from the tower's."
-)
 
 
 @dataclass(frozen=True)
@@ -691,7 +704,7 @@ def report(
         servers.append("stock vLLM on the same checkpoint (`VLLM_PLUGINS` names no plugin; stock)")
     if any(p.is_ceiling for p in phases):
         servers.append("stock vLLM on the ceiling twin (ceiling)")
-    ceiling = family.ceiling_note if family.ceiling_px else NO_CEILING
+    ceiling = family.ceiling_note
     lines = [
         f"## {family.title} under load: continuous batching with locust",
         "",
@@ -757,7 +770,7 @@ def estimate_s(phases: list[Phase], load: Load, rounds: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--arch", choices=list(FAMILIES), default="llava", help="LLaVA family")
+    parser.add_argument("--arch", choices=list(FAMILIES), default="llava", help="model family")
     parser.add_argument("--size", default="bench", help="make-model size (default bench)")
     parser.add_argument("--models", type=Path, default=ROOT / ".cache" / "models")
     parser.add_argument("--phases", help="comma-separated (default: the family's)")
@@ -781,7 +794,7 @@ def main(argv: list[str] | None = None) -> int:
     family = FAMILIES[args.arch]
     phases = [Phase.parse(p) for p in (args.phases or family.phases).split(",")]
     if any(p.is_ceiling for p in phases) and not family.ceiling_px:
-        parser.error(f"no ceiling phase for {family.arch}: {NO_CEILING}")
+        parser.error(f"no ceiling phase for {family.arch}: {family.ceiling_note}")
     section = args.section or f"load-{family.slug}"
     load = Load(
         args.users,

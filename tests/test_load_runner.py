@@ -82,6 +82,8 @@ def test_rounds_rotate_and_every_run_gets_its_own_images():
         ("llava", "tiny-llava-168", "336x336,672x336,500x500", "load-llava-1.5"),
         ("llava-next", "tiny-llava-next-168", "672x672", "load-llava-next"),
         ("llava-onevision", None, "768x768", "load-llava-onevision"),
+        ("qwen2.5-vl", None, "896x896", "load-qwen2.5-vl"),
+        ("qwen3-vl", None, "896x896", "load-qwen3-vl"),
     ],
 )
 def test_arch_selects_checkpoints_phases_and_names(
@@ -122,7 +124,7 @@ def test_arch_selects_checkpoints_phases_and_names(
         assert "--max-model-len 8192" in plan
         with pytest.raises(SystemExit):
             runner.main([f"--arch={arch}", "--phases=1.0,ceiling", "--plan"])
-        assert "OneVision picks its tile grid" in capsys.readouterr().err
+        assert family.ceiling_note in capsys.readouterr().err
 
 
 def test_percentile_matches_linear_interpolation():

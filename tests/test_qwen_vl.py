@@ -230,7 +230,14 @@ def test_uniform_baseline_keeps_the_lattice(qwen_llm, arch):
     qwen_llm.apply_model(_install_recorders)
     images = [noise(60 + i, w, h) for i, (w, h) in enumerate(SIZES)]
     kwargs = {"hivtp_retain_ratio": 0.25, "hivtp_selection": "uniform"}
+
+    def forget(model) -> None:
+        model.hivtp_recorder._sum = None
+
+    qwen_llm.apply_model(forget)
     _, _, _, pruned = _run(qwen_llm, images, kwargs)
+    # No attention was recorded: the uniform baseline computes no scores.
+    assert qwen_llm.apply_model(lambda m: m.hivtp_recorder._sum) == [None]
     for image, (w, h) in enumerate(SIZES):
         rows, cols = merged_grid(arch, w, h)
         kept = kept_tokens(pruned[image], cols)
@@ -382,17 +389,23 @@ def test_metrics_count_qwen_images_and_tokens(qwen_servers, arch):
     before = ours.scrape()
     images = [image_data_url(95 + i, w, h) for i, (w, h) in enumerate(SIZES)]
     kwargs = {"hivtp_retain_ratio": 0.25}
+    uniform = {**kwargs, "hivtp_selection": "uniform"}
     assert ours.chat(images, kwargs).status_code == 200
+    assert ours.chat(images[:1], uniform).status_code == 200
     after = ours.scrape()
     labels = {"model_name": ours.model}
 
     def delta(name: str, **more: str) -> float:
         return metric(after, name, **more, **labels) - metric(before, name, **more, **labels)
 
-    assert delta("hivtp_images_total") == len(SIZES)
-    assert delta("hivtp_visual_tokens_total", kind="input") == sum(
+    assert delta("hivtp_images_total", selection="hivtp") == len(SIZES)
+    assert delta("hivtp_images_total", selection="uniform") == 1
+    assert delta("hivtp_visual_tokens_total", kind="input", selection="hivtp") == sum(
         expected_tokens(arch, s, None) for s in SIZES
     )
-    assert delta("hivtp_visual_tokens_total", kind="retained") == sum(
+    assert delta("hivtp_visual_tokens_total", kind="retained", selection="hivtp") == sum(
         expected_tokens(arch, s, kwargs) for s in SIZES
+    )
+    assert delta("hivtp_visual_tokens_total", kind="retained", selection="uniform") == (
+        expected_tokens(arch, SIZES[0], uniform)
     )

@@ -259,12 +259,15 @@ class HivtpQwenModelMixin:
 
     def recompute_mrope_positions(
         self,
-        input_ids: list[int],
+        input_ids: list[int] | None,
         multimodal_embeddings,
         mrope_positions: torch.Tensor,
         num_computed_tokens: int,
     ):
         config = self.config  # type: ignore[attr-defined]
+        if input_ids is None:  # a prompt given as embeddings: no image placeholders
+            embeds = [e[:, : -mrope.CHANNELS] for e in multimodal_embeddings]
+            return embeds, mrope_positions, int(mrope_positions.max()) + 1 - len(mrope_positions[0])
         embeds, positions = mrope.place_kept(
             input_ids,
             mrope_positions,

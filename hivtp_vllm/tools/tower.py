@@ -18,7 +18,7 @@ import json
 import re
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -332,6 +332,26 @@ def _read_tower(
     return state
 
 
+def _tower(
+    build: Callable[[], nn.Module],
+    checkpoint: Checkpoint,
+    device: str,
+    show_progress: bool | None,
+    trim: Callable[[nn.Module], None] = lambda model: None,
+) -> nn.Module:
+    """``build()`` with no random init, ``trim``-med of parts the scores do
+    not need, then every tensor it has read from the checkpoint."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers: random init first, slower, same result
+        no_init_weights = nullcontext
+    with no_init_weights():  # every weight is read from the checkpoint next
+        model = build()
+    trim(model)
+    model.load_state_dict(_read_tower(checkpoint, model.state_dict(), show_progress), assign=True)
+    return model.to(device).eval()
+
+
 class BandScorer:
     """The checkpoint's vision tower up to the band's last layer, scoring patches.
 
@@ -352,28 +372,24 @@ class BandScorer:
     ) -> None:
         from transformers import CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
-        try:
-            from transformers.initialization import no_init_weights
-        except ImportError:  # older transformers: random init first, slower, same result
-            no_init_weights = nullcontext
         self.start, self.count = band
         vision = copy.deepcopy(checkpoint.config.vision_config)
         vision.num_hidden_layers = self.start + self.count
         siglip = isinstance(vision, SiglipVisionConfig)
-        with no_init_weights():  # every weight is read from the checkpoint next
-            model = (SiglipVisionModel if siglip else CLIPVisionModel)(vision)
-        # The last norm (and SigLIP's pooling head) only make outputs after
-        # the band's layers, which nothing here uses: not reading them lets a
-        # checkpoint that dropped them work too (LLaVA-OneVision's features
-        # never go through the head).
-        inner = getattr(model, "vision_model", model)  # older transformers nest it
-        inner.post_layernorm = nn.Identity()
-        if hasattr(inner, "head"):
-            inner.head = nn.Identity()
-        model.load_state_dict(
-            _read_tower(checkpoint, model.state_dict(), show_progress), assign=True
-        )
-        self.model = model.to(device).eval()
+
+        def trim(model: nn.Module) -> None:
+            # The last norm (and SigLIP's pooling head) only make outputs after
+            # the band's layers, which nothing here uses: not reading them lets
+            # a checkpoint that dropped them work too (LLaVA-OneVision's
+            # features never go through the head).
+            inner = getattr(model, "vision_model", model)  # older transformers nest it
+            inner.post_layernorm = nn.Identity()
+            if hasattr(inner, "head"):
+                inner.head = nn.Identity()
+
+        model_class = SiglipVisionModel if siglip else CLIPVisionModel
+        self.model = _tower(lambda: model_class(vision), checkpoint, device, show_progress, trim)
+        inner = getattr(self.model, "vision_model", self.model)
         self.device = device
         self.cls_tokens = checkpoint.cls_tokens
         layers = inner.encoder.layers
@@ -413,10 +429,6 @@ class QwenBandScorer:
         from transformers import AttentionInterface
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        try:
-            from transformers.initialization import no_init_weights
-        except ImportError:
-            no_init_weights = nullcontext
         self.layers = checkpoint.scored_layers(band)
         vision = copy.deepcopy(checkpoint.config.vision_config)
         vision.depth = max(self.layers) + 1
@@ -429,18 +441,19 @@ class QwenBandScorer:
             from transformers.models.qwen3_vl import modeling_qwen3_vl as qwen
 
             tower_class = qwen.Qwen3VLVisionModel
-        with no_init_weights():
-            model = tower_class._from_config(vision)
-        # Mergers make outputs after (or beside) the band: nothing here uses them.
-        model.merger = nn.Identity()
-        if hasattr(model, "deepstack_merger_list"):
-            model.deepstack_merger_list = nn.ModuleList(
-                nn.Identity() for _ in model.deepstack_merger_list
-            )
-        model.load_state_dict(
-            _read_tower(checkpoint, model.state_dict(), show_progress), assign=True
+
+        def trim(model: nn.Module) -> None:
+            # Mergers make outputs after (or beside) the band: nothing here uses them.
+            model.merger = nn.Identity()
+            if hasattr(model, "deepstack_merger_list"):
+                model.deepstack_merger_list = nn.ModuleList(
+                    nn.Identity() for _ in model.deepstack_merger_list
+                )
+
+        model = _tower(
+            lambda: tower_class._from_config(vision), checkpoint, device, show_progress, trim
         )
-        self.model = model.to(device).eval()
+        self.model = model
         self.device = device
         self.qwen = qwen
         self.num_heads = vision.num_heads
@@ -458,8 +471,9 @@ class QwenBandScorer:
                 self._parts.append(received_attention(q, k, self.num_heads, module.scaling)[0])
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
-        AttentionInterface.register("hivtp_tap", tap)
-        model.config._attn_implementation = "hivtp_tap"
+        name = f"hivtp_tap_{id(self)}"  # one per scorer: each taps its own model
+        AttentionInterface.register(name, tap)
+        model.config._attn_implementation = name
 
     @torch.no_grad()
     def __call__(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
