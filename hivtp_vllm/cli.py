@@ -93,7 +93,9 @@ def explain_main(argv: list[str]) -> int:
         "with the server's scoring and selection on the checkpoint's vision tower.",
     )
     parser.add_argument(
-        "model", help="LLaVA-1.5, LLaVA-NeXT or LLaVA-OneVision checkpoint directory or hub name"
+        "model",
+        help="LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL or Qwen3-VL checkpoint "
+        "directory or hub name",
     )
     parser.add_argument("images", nargs="+", help="image files")
     parser.add_argument(
@@ -174,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="hivtp-vllm", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("make-model", help="write a random-weight LLaVA checkpoint (see --help)")
+    sub.add_parser(
+        "make-model", help="write a random-weight LLaVA or Qwen-VL checkpoint (see --help)"
+    )
     sub.add_parser("explain", help="picture and list what pruning keeps of images (see --help)")
     serve = sub.add_parser("serve", help="vLLM's OpenAI server with HIVTP pruning")
     serve.add_argument("model", help="checkpoint directory or hub name")
