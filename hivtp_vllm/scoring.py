@@ -21,7 +21,16 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 import torch
 from torch import nn
 
-__all__ = ["received_attention", "mean_patch_scores", "ReceivedAttention", "check_band"]
+from hivtp_vllm.pruning import default_band
+
+__all__ = [
+    "received_attention",
+    "mean_patch_scores",
+    "ReceivedAttention",
+    "PackedReceivedAttention",
+    "check_band",
+    "resolve_band",
+]
 
 # Logit elements held at once, per device: on a CPU, query blocks that fit
 # in cache run about twice as fast as one [B, heads, S, S] block; a GPU
@@ -39,6 +48,21 @@ def check_band(start: int, count: int, num_run_layers: int) -> None:
             f"layers the vision tower runs (start >= 0, count >= 1, "
             f"start + count <= {num_run_layers})"
         )
+
+
+def resolve_band(
+    depth: int, run: int, layer_start: int | None = None, num_layers: int | None = None
+) -> tuple[int, int]:
+    """The band ``(start, count)`` of a tower of ``depth`` layers: section 1's
+    defaults, replaced by the server's options where set, and checked
+    against the ``run`` layers the tower actually runs (:func:`check_band`)."""
+    start, count = default_band(depth)
+    if layer_start is not None:
+        start = layer_start
+    if num_layers is not None:
+        count = num_layers
+    check_band(start, count, run)
+    return start, count
 
 
 def received_attention(

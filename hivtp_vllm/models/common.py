@@ -30,8 +30,8 @@ from vllm.model_executor.models.vision import run_dp_sharded_vision_model
 
 from hivtp_vllm import contract, params
 from hivtp_vllm.contract import Plan
-from hivtp_vllm.pruning import default_band, select_tokens_batched, uniform_tokens
-from hivtp_vllm.scoring import ReceivedAttention, check_band
+from hivtp_vllm.pruning import select_tokens_batched, uniform_tokens
+from hivtp_vllm.scoring import ReceivedAttention, resolve_band
 from hivtp_vllm.timing import PruningTimer
 
 # Under vLLM's logger, so the messages print where and when vLLM's do (a
@@ -39,17 +39,13 @@ from hivtp_vllm.timing import PruningTimer
 logger = init_logger(f"vllm.{__name__}")
 
 
-class HivtpModelMixin:
-    """Set-up and kwargs handling shared by the LLaVA model overrides."""
+class HivtpSelectMixin:
+    """What every family's model shares: the server's options, the pruning
+    timer behind the metrics, and the timed selection."""
 
-    def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._hivtp_setup(vllm_config)
-
-    def _hivtp_setup(self, vllm_config) -> None:
-        """Read the server options; hook the band if the tower can be pruned."""
+    def _hivtp_options(self, vllm_config) -> None:
+        """Read the server options; make the timer that feeds the metrics."""
         from hivtp_vllm import metrics
-        from hivtp_vllm.views import cls_tokens
 
         mm_config = vllm_config.model_config.multimodal_config
         histogram = metrics.pruning_histogram(vllm_config.model_config.served_model_name)
@@ -58,6 +54,35 @@ class HivtpModelMixin:
         self.hivtp_server = params.parse_server(
             mm_config.mm_processor_kwargs if mm_config else None
         )
+
+    def _hivtp_select(
+        self,
+        grids: Sequence[tuple[int, int]],
+        scores: Sequence[torch.Tensor | None],
+        keep: Sequence[int],
+        fractions: Sequence[float],
+        device: torch.device,
+    ) -> list[torch.Tensor]:
+        """:func:`select_views`, timed with the scoring into the metrics."""
+        with self.hivtp_timer.span(device):
+            kept = select_views(grids, scores, keep, fractions, self.hivtp_server.regions, device)
+        self.hivtp_timer.finish(self.hivtp_counted)
+        return kept
+
+
+class HivtpModelMixin(HivtpSelectMixin):
+    """Set-up and kwargs handling shared by the LLaVA model overrides."""
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._hivtp_setup(vllm_config)
+
+    def _hivtp_setup(self, vllm_config) -> None:
+        """Read the server options; hook the band if the tower can be pruned."""
+        from hivtp_vllm.views import cls_tokens
+
+        self._hivtp_options(vllm_config)
+        mm_config = vllm_config.model_config.multimodal_config
         self.hivtp_recorder = None
         self.hivtp_data_parallel = False
         leading = cls_tokens(self.config)
@@ -116,24 +141,20 @@ class HivtpModelMixin:
             return image_input, None
         return image_input, plans
 
-    def _hivtp_select(
-        self,
-        grids: Sequence[tuple[int, int]],
-        scores: Sequence[torch.Tensor | None],
-        keep: Sequence[int],
-        fractions: Sequence[float],
-        device: torch.device,
-    ) -> list[torch.Tensor]:
-        """:func:`select_views`, timed with the scoring into the metrics."""
-        with self.hivtp_timer.span(device):
-            kept = select_views(grids, scores, keep, fractions, self.hivtp_server.regions, device)
-        self.hivtp_timer.finish(self.hivtp_counted)
-        return kept
-
 
 def _gather_batch(local: torch.Tensor) -> torch.Tensor:
     """The workers' equal slices of a batch, concatenated in worker order."""
     return tensor_model_parallel_all_gather(local.contiguous(), dim=0)
+
+
+def server_band(server: params.ServerOptions, depth: int, run: int) -> tuple[int, int]:
+    """The band the server's options give a tower of ``depth`` layers that
+    runs ``run`` of them (:func:`~hivtp_vllm.scoring.resolve_band`); a bad
+    option stops the server at start-up, naming it."""
+    try:
+        return resolve_band(depth, run, server.layer_start, server.num_layers)
+    except ValueError as exc:
+        raise ValueError(f"hivtp: bad server option in --mm-processor-kwargs: {exc}") from exc
 
 
 def build_recorder(
@@ -153,15 +174,7 @@ def build_recorder(
     depth (``num_layers_total``), as the spec says.
     """
     layers = vision_model.encoder.layers
-    start, count = default_band(num_layers_total)
-    if server.layer_start is not None:
-        start = server.layer_start
-    if server.num_layers is not None:
-        count = server.num_layers
-    try:
-        check_band(start, count, len(layers))
-    except ValueError as exc:
-        raise ValueError(f"hivtp: bad server option in --mm-processor-kwargs: {exc}") from exc
+    start, count = server_band(server, num_layers_total, len(layers))
     attention = [layers[i].self_attn for i in range(start, start + count)]
     first = attention[0]
     local_heads = first.num_heads_per_partition

@@ -30,13 +30,11 @@ from collections.abc import Sequence
 import torch
 from vllm.distributed import tensor_model_parallel_all_reduce
 
-from hivtp_vllm import contract, mrope, params
+from hivtp_vllm import contract, mrope
 from hivtp_vllm.contract import Layout, Plan
-from hivtp_vllm.models.common import logger, select_views
+from hivtp_vllm.models.common import HivtpSelectMixin, logger, server_band
 from hivtp_vllm.processor import NO_KWARGS, HivtpInfoMixin, HivtpProcessorMixin
-from hivtp_vllm.pruning import default_band
-from hivtp_vllm.scoring import PackedReceivedAttention, check_band
-from hivtp_vllm.timing import PruningTimer
+from hivtp_vllm.scoring import PackedReceivedAttention
 
 MERGE_UNIT = 4  # patches per merged token (2 x 2)
 
@@ -85,7 +83,7 @@ class HivtpQwenProcessorMixin(HivtpProcessorMixin):
         return type(stock)(modality="image", target=stock.target, replacement=replacement)
 
 
-class HivtpQwenModelMixin:
+class HivtpQwenModelMixin(HivtpSelectMixin):
     """Set-up, image embedding and M-RoPE positions for the Qwen-VL models."""
 
     # Read by vllm_compat's model-runner wrapper: this model rewrites the
@@ -108,24 +106,9 @@ class HivtpQwenModelMixin:
                 "Serve without it, or without the plugin (VLLM_PLUGINS=none)."
             )
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        from hivtp_vllm import metrics
-
-        histogram = metrics.pruning_histogram(vllm_config.model_config.served_model_name)
-        self.hivtp_timer = PruningTimer(histogram.observe)
-        self.hivtp_counted = True
-        self.hivtp_server = params.parse_server(
-            mm_config.mm_processor_kwargs if mm_config else None
-        )
+        self._hivtp_options(vllm_config)
         blocks = self.visual.blocks  # type: ignore[attr-defined]
-        start, count = default_band(len(blocks))
-        if self.hivtp_server.layer_start is not None:
-            start = self.hivtp_server.layer_start
-        if self.hivtp_server.num_layers is not None:
-            count = self.hivtp_server.num_layers
-        try:
-            check_band(start, count, len(blocks))
-        except ValueError as exc:
-            raise ValueError(f"hivtp: bad server option in --mm-processor-kwargs: {exc}") from exc
+        start, count = server_band(self.hivtp_server, len(blocks), len(blocks))
         band = self.hivtp_band(start, count)
         attention = [blocks[i].attn for i in band]
         local = attention[0].num_attention_heads_per_partition
@@ -194,16 +177,13 @@ class HivtpQwenModelMixin:
             for s, grid in zip(scores.values(), grids, strict=True)
         ]
         device = embeds[0].device
-        with self.hivtp_timer.span(device):
-            kept = select_views(
-                grids,
-                maps,
-                [plans[i].keep[0] for i in scores],
-                [plans[i].global_fraction for i in scores],
-                self.hivtp_server.regions,
-                device,
-            )
-        self.hivtp_timer.finish(self.hivtp_counted)
+        kept = self._hivtp_select(
+            grids,
+            maps,
+            [plans[i].keep[0] for i in scores],
+            [plans[i].global_fraction for i in scores],
+            device,
+        )
         out = [with_channels(e, mrope.unchanged_channels(len(e), e)) for e in embeds]
         for row, indices, (_, cols) in zip(scores, kept, grids, strict=True):
             indices = indices.to(device)

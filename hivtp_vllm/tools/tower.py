@@ -29,8 +29,8 @@ from safetensors import safe_open
 from torch import nn
 
 from hivtp_vllm import MODELS, params
-from hivtp_vllm.pruning import default_band, windowed_band
-from hivtp_vllm.scoring import check_band, mean_patch_scores, received_attention
+from hivtp_vllm.pruning import windowed_band
+from hivtp_vllm.scoring import mean_patch_scores, received_attention, resolve_band
 from hivtp_vllm.views import cls_tokens as leading_tokens
 from hivtp_vllm.views import highres_layout, layers_run, shrink, supports_pruning
 
@@ -228,16 +228,11 @@ class Checkpoint:
         """(first layer, layer count) of the band, defaults and checks as the server's."""
         vision = self.config.vision_config
         depth = vision.depth if self.is_qwen else vision.num_hidden_layers
-        start, count = default_band(depth)
-        if server.layer_start is not None:
-            start = server.layer_start
-        if server.num_layers is not None:
-            count = server.num_layers
+        run = depth if self.is_qwen else layers_run(self.config)
         try:
-            check_band(start, count, depth if self.is_qwen else layers_run(self.config))
+            return resolve_band(depth, run, server.layer_start, server.num_layers)
         except ValueError as exc:
             raise ExplainError(str(exc)) from None
-        return start, count
 
     def image_processor(self):
         """The checkpoint's own image processor, loaded as vLLM's HF processor loads it."""
