@@ -5,9 +5,10 @@ on all three axes; an image's tokens take ``base + (0, row, col)`` on its
 merged grid, and the text after it resumes at ``base + max(rows, cols)``.
 Spec section 5: a kept image token carries the position it has without
 pruning, and so does every text token, so a prompt's positions never depend
-on the ratio.
+on the ratio. Videos pruned by vLLM's own video pruning (EVS) are held to the
+same rule: a kept video token, and all text, carry their unpruned positions.
 
-vLLM computes positions when a request arrives, before any image is
+vLLM computes positions when a request arrives, before any media is
 encoded, but which tokens are kept is known only after the tower has run.
 So the positions are made in two steps, as vLLM does for its own video
 pruning (``SupportsMultiModalPruning``):
@@ -15,11 +16,11 @@ pruning (``SupportsMultiModalPruning``):
 1. At arrival, vLLM's own positions of the unpruned prompt
    (:func:`unpruned_prompt`), read back at the pruned prompt's tokens:
    exact for every text token, and the exact ``delta`` for decoding; a
-   pruned image's slots get placeholder positions for now.
-2. :func:`place_kept`, after the tower, for each prefill chunk: each emitted
-   embedding carries its token's (row, col) in :data:`CHANNELS` extra
-   columns (:func:`position_channels`), which are read, stripped, and
-   written into the slots.
+   pruned item's slots get placeholder positions for now.
+2. :func:`place`, after the tower, for each prefill chunk: every emitted
+   row carries, in :data:`CHANNELS` extra columns (:func:`row_channels`),
+   its slot in its item's placeholder run and its position relative to the
+   run, which are read, stripped, and written into the slots.
 """
 
 from __future__ import annotations
@@ -31,97 +32,131 @@ import torch
 __all__ = [
     "CHANNELS",
     "unpruned_prompt",
-    "position_channels",
+    "row_channels",
     "unchanged_channels",
-    "place_kept",
+    "read_channels",
+    "place",
 ]
 
-# (row, col) as base-256 digits: each channel is an integer in [0, 255], which
-# bfloat16 (8 significant bits) holds exactly; a grid side is at most 65,535.
-CHANNELS = 4
+# Five fields per row (slot, t, h, w, lead), each as 3 base-256 digits: every
+# digit is an integer in [0, 255], which bfloat16 (8 significant bits) holds
+# exactly; a field is below 2**24. 15 columns: never vLLM's own 4 (Qwen2.5-VL)
+# or 5 (Qwen3-VL) position columns.
+FIELDS = 5
+DIGITS = 3
+CHANNELS = FIELDS * DIGITS
+_PLACES = torch.tensor([256**2, 256, 1])
 _UNCHANGED = -1.0  # every channel: the rows keep the positions of step 1
 
 
 def unpruned_prompt(
-    input_tokens: Sequence[int], runs: Sequence[tuple[int, int, int]]
+    input_tokens: Sequence[int], runs: Sequence[tuple[int, int, int, int]]
 ) -> tuple[list[int], list[int]]:
     """The prompt as it would be unpruned, and where each of its tokens lands.
 
-    ``runs`` are the pruned images' placeholder runs, ``(offset, length,
-    full)``: ``length`` placeholders where unpruned there are ``full``. Each
-    run grows to ``full`` copies of its token; ``where[i]`` is the index of
-    token ``i`` in the grown prompt (the k-th slot of a run lands on the
-    run's k-th unpruned slot). Step 1 runs vLLM's own position code on the
-    grown prompt and reads the positions back through ``where``, so every
-    text token gets exactly its unpruned position, whatever the family's
-    rules for videos and timestamps.
+    ``runs`` are the pruned placeholder runs, ``(offset, length, full,
+    token)``: ``length`` placeholders where unpruned there are ``full``
+    copies of ``token``. ``where[i]`` is the index of token ``i`` in the
+    grown prompt: a text token lands on itself, the k-th slot of a run on the
+    run's k-th unpruned slot (its last one where a run holds more slots than
+    unpruned, as vLLM's video pruning lumps a video's tokens into its first
+    frame). Step 1 runs vLLM's own position code on the grown prompt and
+    reads the positions back through ``where``, so every text token gets
+    exactly its unpruned position, whatever the family's rules for videos
+    and timestamps.
     """
     tokens: list[int] = []
     where: list[int] = []
     cursor = 0
-    for offset, length, full in sorted(runs):
+    for offset, length, full, token in sorted(runs):
         where.extend(range(len(tokens), len(tokens) + offset - cursor))
         tokens.extend(input_tokens[cursor:offset])
-        where.extend(range(len(tokens), len(tokens) + length))
-        tokens.extend([input_tokens[offset]] * full)
+        fits = min(length, full)
+        where.extend(range(len(tokens), len(tokens) + fits))
+        where.extend([len(tokens) + full - 1] * (length - fits))
+        tokens.extend([token] * full)
         cursor = offset + length
     where.extend(range(len(tokens), len(tokens) + len(input_tokens) - cursor))
     tokens.extend(input_tokens[cursor:])
     return tokens, where
 
 
-def position_channels(kept: torch.Tensor, cols: int, dtype: torch.dtype) -> torch.Tensor:
-    """``[K, CHANNELS]`` columns that carry each kept token's (row, col).
+def row_channels(
+    slots: torch.Tensor, relative: torch.Tensor, lead: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """``[n, CHANNELS]`` columns for ``n`` rows of one item.
 
-    ``kept`` holds flat raster indices on a grid of ``cols`` columns.
+    ``slots`` is each row's index in the item's placeholder run and
+    ``relative`` its ``[n, 3]`` (t, h, w) position from the run's base (one
+    past the token before the run). ``lead`` is the run's slot of the first
+    media token in the prompt: 0 where the run is media tokens only (images,
+    Qwen2.5-VL videos), the timestamp length + 1 for a Qwen3-VL video block,
+    whose run starts with its first frame's timestamp text.
     """
-    rows, col = kept // cols, kept % cols
-    return torch.stack([rows // 256, rows % 256, col // 256, col % 256], dim=1).to(dtype)
+    fields = torch.cat(
+        [
+            slots.view(-1, 1).long().cpu(),
+            relative.long().cpu(),
+            torch.full((len(slots), 1), lead, dtype=torch.long),
+        ],
+        dim=1,
+    )
+    digits = fields.unsqueeze(-1) // _PLACES % 256
+    return digits.view(len(slots), CHANNELS).to(dtype)
 
 
 def unchanged_channels(n: int, like: torch.Tensor) -> torch.Tensor:
-    """Columns for ``n`` embeddings whose positions step 1 already made
-    exact (unpruned images, videos)."""
+    """Columns for ``n`` media-token rows whose positions step 1 already
+    made exact (unpruned images, videos vLLM did not prune)."""
     return torch.full((n, CHANNELS), _UNCHANGED, dtype=like.dtype, device=like.device)
 
 
-def place_kept(
+def read_channels(rows: torch.Tensor) -> torch.Tensor:
+    """``[n, FIELDS]`` (slot, t, h, w, lead) of rows with their channels;
+    negative where the rows are unchanged."""
+    digits = rows[:, -CHANNELS:].float().round().long().cpu()
+    return (digits.view(-1, FIELDS, DIGITS) * _PLACES).sum(-1)
+
+
+def place(
     input_ids: Sequence[int] | torch.Tensor,
     positions: torch.Tensor,
     embeddings: Sequence[torch.Tensor],
     num_computed_tokens: int,
     media_token_ids: Sequence[int],
-    vision_start_id: int,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Step 2, for the media embeddings of one request's prefill chunk.
+    """Step 2, for the media rows of one request's prefill chunk.
 
-    ``embeddings`` are the chunk's media embeddings with their channels, in
-    prompt order, as vLLM's model runner gathers them; they fill the first
-    media placeholders at or after ``num_computed_tokens``. Returns the
-    embeddings without channels and new positions, where every slot of a
-    pruned image holds ``base + (0, row, col)`` with ``base`` one past its
-    ``<|vision_start|>`` token's position. Idempotent: a chunk gathered twice
-    gets the same positions.
+    ``embeddings`` are the chunk's items in prompt order, as vLLM's model
+    runner gathers them: the first may continue an item begun in an earlier
+    chunk (its rows then start at ``num_computed_tokens``), the others start
+    fresh. An item's run starts ``lead`` slots before its first media token
+    at or after the previous item's end. Each row's slot gets
+    ``base + (t, h, w)``, ``base`` one past the position of the token before
+    the run; rows marked unchanged are media tokens that keep their
+    positions. Returns the embeddings without channels and the new
+    positions. Idempotent, and exact however the prompt is split in chunks:
+    it reads only positions that step 1 made exact, which it never changes.
     """
     stripped = [e[:, :-CHANNELS] for e in embeddings]
-    if not embeddings:
-        return stripped, positions
-    channels = torch.cat([e[:, -CHANNELS:] for e in embeddings]).float().cpu()
-    moved = channels[:, 0] >= 0
-    if not bool(moved.any()):
+    fields = [read_channels(e) for e in embeddings]
+    if not any(len(f) and int(f[0, 0]) >= 0 for f in fields):
         return stripped, positions
     ids = torch.as_tensor(input_ids, dtype=torch.long)
-    media = torch.isin(ids[num_computed_tokens:], torch.tensor(list(media_token_ids)))
-    slots = media.nonzero().flatten()[: channels.shape[0]] + num_computed_tokens
-    starts = (ids == vision_start_id).nonzero().flatten()
-    slots, channels = slots[moved], channels[moved].round().long()
-    owner = starts[torch.searchsorted(starts, slots) - 1]
-    base = positions[0, owner.to(positions.device)] + 1
-    rows = channels[:, 0] * 256 + channels[:, 1]
-    cols = channels[:, 2] * 256 + channels[:, 3]
+    media = torch.isin(ids, torch.tensor(list(media_token_ids))).nonzero().flatten()
     out = positions.clone()
-    slots_d = slots.to(positions.device)
-    out[0, slots_d] = base
-    out[1, slots_d] = base + rows.to(positions.device)
-    out[2, slots_d] = base + cols.to(positions.device)
+    at = num_computed_tokens
+    for rows in fields:
+        if not len(rows):
+            continue
+        first = int(torch.searchsorted(media, at))  # the first media token at or after `at`
+        slot, lead = int(rows[0, 0]), int(rows[0, 4])
+        if slot < 0:  # unchanged: one media token a row
+            at = int(media[first + len(rows) - 1]) + 1
+            continue
+        start = at - slot if slot else int(media[first]) - lead
+        slots = (start + rows[:, 0]).to(out.device)
+        base = out[0, start - 1] + 1 if start > 0 else 0
+        out[:, slots] = base + rows[:, 1:4].T.to(out.device)
+        at = int(slots[-1]) + 1
     return stripped, out

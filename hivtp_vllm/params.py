@@ -105,7 +105,7 @@ class PruningRequest:
                 raise HivtpParamError(
                     NUM_TOKENS,
                     f"{NUM_TOKENS}={self.num_tokens} is out of range: this image "
-                    f"gives {high} visual tokens (image-row newlines not counted), "
+                    f"gives {high} visual tokens that pruning can drop, "
                     f"so it must be an integer in [{low}, {high}]",
                 )
             return split_budget(self.num_tokens, sizes)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hivtp_vllm import mrope
 from hivtp_vllm.pruning import (
     default_band,
     num_retained,
@@ -136,8 +137,8 @@ def _run(llm, images, kwargs, prompt=PROMPT):
 
 def kept_tokens(embeds: torch.Tensor, cols: int) -> torch.Tensor:
     """Flat raster indices of an image's emitted tokens, from their position columns."""
-    channels = embeds[:, -4:].round().long()
-    return (channels[:, 0] * 256 + channels[:, 1]) * cols + channels[:, 2] * 256 + channels[:, 3]
+    fields = mrope.read_channels(embeds)
+    return fields[:, 2] * cols + fields[:, 3]
 
 
 @pytest.mark.parametrize("case", list(PROMPTS))
@@ -199,7 +200,8 @@ def test_scores_kept_embeddings_and_positions(qwen_llm, tiny_qwen, arch, case):
                 assert len(kept) == k
                 assert torch.equal(kept, select_tokens(reference[image].view(rows, cols), k))
                 # Kept embeddings are the unpruned ones at the kept tokens.
-                assert torch.equal(pruned[image][:, :-4], stock[image][:, :-4][kept])
+                width = -mrope.CHANNELS
+                assert torch.equal(pruned[image][:, :width], stock[image][:, :width][kept])
                 unpruned_index += (starts[image] + kept).tolist()
                 cursor = starts[image] + rows * cols
         else:
@@ -291,7 +293,6 @@ def test_encoder_cuda_graphs_capture_nothing(qwen_llm):
 @pytest.mark.parametrize(
     ("option", "says"),
     [
-        ({"video_pruning_rate": 0.5}, "--video-pruning-rate"),
         ({"compilation_config": {"compile_mm_encoder": True}}, "compile_mm_encoder"),
     ],
 )

@@ -14,6 +14,10 @@ What differs from LLaVA (spec section 5):
   the kept tokens' own positions are written after the tower has run
   (:meth:`recompute_mrope_positions`, vLLM's hook for its video pruning),
   from columns appended to every emitted embedding (:mod:`hivtp_vllm.mrope`).
+  Videos pruned by vLLM's own video pruning (``--video-pruning-rate``) go
+  the same way: grown back at arrival, their kept tokens placed after the
+  tower (the family says how: :meth:`hivtp_video_runs`,
+  :meth:`hivtp_pruned_videos`).
   vLLM's model runner calls that hook only when its own video pruning is on;
   :func:`hivtp_vllm.vllm_compat.let_models_recompute_mrope` turns it on for
   these models.
@@ -29,14 +33,27 @@ from collections.abc import Sequence
 
 import torch
 from vllm.distributed import tensor_model_parallel_all_reduce
+from vllm.exceptions import VLLMValidationError
+from vllm.model_executor.layers.rotary_embedding.mrope import MRotaryEmbedding
 
-from hivtp_vllm import contract, mrope
+from hivtp_vllm import contract, mrope, params
 from hivtp_vllm.contract import Layout, Plan
 from hivtp_vllm.models.common import HivtpSelectMixin, logger, server_band
 from hivtp_vllm.processor import NO_KWARGS, HivtpInfoMixin, HivtpProcessorMixin
 from hivtp_vllm.scoring import PackedReceivedAttention
 
 MERGE_UNIT = 4  # patches per merged token (2 x 2)
+# Positions the language model's rotary table holds, per max_position_embeddings.
+# Pruning keeps the positions of the tokens it drops, so a prompt's positions
+# run past its length; vLLM sizes the table 4x for Qwen2.5-VL always and for
+# Qwen3-VL when its own video pruning is on, for the same reason.
+POSITIONS_FACTOR = 4
+
+
+def position_limit(hf_config) -> int:
+    """Positions the rotary table of a served Qwen-VL model holds (0 to limit - 1)."""
+    text = getattr(hf_config, "text_config", hf_config)
+    return text.max_position_embeddings * POSITIONS_FACTOR
 
 
 class HivtpQwenInfoMixin(HivtpInfoMixin):
@@ -82,6 +99,42 @@ class HivtpQwenProcessorMixin(HivtpProcessorMixin):
 
         return type(stock)(modality="image", target=stock.target, replacement=replacement)
 
+    def apply(self, inputs, timing_ctx):
+        result = super().apply(inputs, timing_ctx)
+        self._hivtp_check_positions(result)
+        return result
+
+    def _hivtp_check_positions(self, result) -> None:
+        """Refuse (400) a prompt whose positions would run past the rotary table.
+
+        A pruned image of K tokens moves the positions after it by
+        ``max(rows, cols)``, so each moves the rest of the prompt, and every
+        token decoded after it, ``max(rows, cols) - K`` further than its
+        length does. vLLM checks a prompt's length against max_model_len,
+        not its positions; an index past the table would stop the engine.
+        """
+        items = result["mm_kwargs"].get("image", [])
+        places = result["mm_placeholders"].get("image", [])
+        shift = 0
+        for item, place in zip(items, places, strict=True):
+            if item is None or contract.NUM_KEEP not in item:
+                continue
+            _, h, w = item["image_grid_thw"].data.tolist()
+            merge = int(MERGE_UNIT**0.5)
+            shift += max(0, max(h, w) // merge - place.length)
+        info = self.info  # type: ignore[attr-defined]
+        limit = position_limit(info.get_hf_config())
+        longest = info.ctx.model_config.max_model_len + shift
+        if longest > limit:
+            raise VLLMValidationError(
+                f"hivtp: pruning these images moves the prompt's positions {shift} past its "
+                f"length, so with max_model_len {longest - shift} they could reach {longest}, "
+                f"past the {limit} positions this model holds. Keep more tokens of the "
+                f"images ({params.RATIO}, {params.NUM_TOKENS}) or send fewer or less "
+                "elongated ones.",
+                parameter=params.RATIO,
+            )
+
 
 class HivtpQwenModelMixin(HivtpSelectMixin):
     """Set-up, image embedding and M-RoPE positions for the Qwen-VL models."""
@@ -92,13 +145,6 @@ class HivtpQwenModelMixin(HivtpSelectMixin):
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         # Named parameters: vLLM passes what the signature names.
-        mm_config = vllm_config.model_config.multimodal_config
-        if mm_config is not None and mm_config.video_pruning_rate:
-            raise ValueError(
-                "hivtp: --video-pruning-rate (vLLM's video pruning) cannot be used with "
-                "hivtp-vllm on Qwen-VL: both rewrite the model's M-RoPE positions. "
-                "Serve without it, or without the plugin (VLLM_PLUGINS=none)."
-            )
         if vllm_config.compilation_config.compile_mm_encoder:
             raise ValueError(
                 "hivtp: compile_mm_encoder (--compilation-config) compiles the Qwen-VL "
@@ -106,6 +152,7 @@ class HivtpQwenModelMixin(HivtpSelectMixin):
                 "Serve without it, or without the plugin (VLLM_PLUGINS=none)."
             )
         super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._hivtp_widen_positions()
         self._hivtp_options(vllm_config)
         blocks = self.visual.blocks  # type: ignore[attr-defined]
         start, count = server_band(self.hivtp_server, len(blocks), len(blocks))
@@ -129,6 +176,20 @@ class HivtpQwenModelMixin(HivtpSelectMixin):
             span=self.hivtp_timer.span,
         )
 
+    def _hivtp_widen_positions(self) -> None:
+        """Size the language model's rotary tables for :func:`position_limit`
+        (Qwen3-VL's hold max_position_embeddings alone unless vLLM's video
+        pruning is on): positions past the prompt's length must not index
+        past them."""
+        limit = position_limit(self.config)  # type: ignore[attr-defined]
+        for module in self.language_model.modules():  # type: ignore[attr-defined]
+            if isinstance(module, MRotaryEmbedding) and module.max_position_embeddings < limit:
+                module.max_position_embeddings = module.cache_max_position_num = limit
+                old = module.cos_sin_cache
+                module.cos_sin_cache = module._compute_cos_sin_cache().to(old.device, old.dtype)
+                if getattr(module, "cos_sin_cache_bf16", None) is not None:
+                    module.cos_sin_cache_bf16 = module.cos_sin_cache.to(torch.bfloat16)
+
     # -- family hooks ------------------------------------------------------
     def hivtp_band(self, start: int, count: int) -> Sequence[int]:
         """The blocks scored for the band ``[start, start + count)``."""
@@ -147,7 +208,7 @@ class HivtpQwenModelMixin(HivtpSelectMixin):
         pruned = [i for i, p in enumerate(plans or []) if p.prunes]
         if image_input["type"] != "pixel_values" or not pruned:
             embeds = self._process_image_input(image_input)  # type: ignore[attr-defined]
-            return [with_channels(e, mrope.unchanged_channels(len(e), e)) for e in embeds]
+            return [unchanged(e) for e in embeds]
         grid_thw = image_input["image_grid_thw"].tolist()
         lengths = [t * h * w for t, h, w in grid_thw]
         scored = [i for i in pruned if not plans[i].uniform]
@@ -184,17 +245,33 @@ class HivtpQwenModelMixin(HivtpSelectMixin):
             [plans[i].global_fraction for i in scores],
             device,
         )
-        out = [with_channels(e, mrope.unchanged_channels(len(e), e)) for e in embeds]
+        out = [unchanged(e) for e in embeds]
         for row, indices, (_, cols) in zip(scores, kept, grids, strict=True):
             indices = indices.to(device)
-            channels = mrope.position_channels(indices, cols, embeds[row].dtype)
+            grid = torch.stack([torch.zeros_like(indices), indices // cols, indices % cols], 1)
+            slots = torch.arange(len(indices))
+            channels = mrope.row_channels(slots, grid, 0, embeds[row].dtype)
             out[row] = with_channels(embeds[row][indices], channels)
         return out
 
     def hivtp_embed_videos(self, video_input) -> list[torch.Tensor]:
-        """Videos as in vLLM, with columns that leave their positions alone."""
+        """Videos as in vLLM: unpruned, with columns that leave their
+        positions alone, or, with vLLM's video pruning on, its kept tokens
+        with their unpruned positions (:meth:`hivtp_pruned_videos`)."""
         embeds = self._process_video_input(video_input)  # type: ignore[attr-defined]
-        return [with_channels(e, mrope.unchanged_channels(len(e), e)) for e in embeds]
+        if self.is_multimodal_pruning_enabled:  # type: ignore[attr-defined]
+            return list(self.hivtp_pruned_videos(embeds, video_input))
+        return [unchanged(e) for e in embeds]
+
+    def hivtp_pruned_videos(self, embeds, video_input) -> Sequence[torch.Tensor]:
+        """vLLM's video pruning of each video, with position columns
+        (:func:`hivtp_vllm.mrope.row_channels`) in place of vLLM's own."""
+        raise NotImplementedError
+
+    def hivtp_video_runs(self, input_tokens, feature) -> list[tuple[int, int, int, int]]:
+        """The placeholder runs of a video that vLLM's video pruning shortened,
+        as :func:`hivtp_vllm.mrope.unpruned_prompt` takes them."""
+        raise NotImplementedError
 
     def embed_multimodal(self, **kwargs: object):
         plans = contract.pop_plans(kwargs)
@@ -212,14 +289,20 @@ class HivtpQwenModelMixin(HivtpSelectMixin):
     def get_mrope_input_positions(self, input_tokens, mm_features):
         """vLLM's positions of the unpruned prompt, at the pruned prompt's tokens."""
         runs, grown = [], []
+        config = self.config  # type: ignore[attr-defined]
         for feature in mm_features:
             place = feature.mm_position
-            full = place.length
-            if feature.modality == "image" and feature.data is not None:
+            item_runs = []
+            if feature.data is None:  # embeddings from the client: never pruned
+                pass
+            elif feature.modality == "image":
                 full = int(feature.data["image_grid_thw"].data.prod()) // MERGE_UNIT
-            if place.length < full:
-                runs.append((place.offset, place.length, full))
-            grown.append((feature, full))
+                if place.length < full:
+                    item_runs = [(place.offset, place.length, full, config.image_token_id)]
+            elif feature.modality == "video" and self.is_multimodal_pruning_enabled:  # type: ignore[attr-defined]
+                item_runs = self.hivtp_video_runs(input_tokens, feature)
+            runs += item_runs
+            grown.append((feature, place.length + sum(f - n for _, n, f, _ in item_runs)))
         if not runs:
             return super().get_mrope_input_positions(input_tokens, mm_features)  # type: ignore[misc]
         tokens, where = mrope.unpruned_prompt(input_tokens, runs)
@@ -227,10 +310,10 @@ class HivtpQwenModelMixin(HivtpSelectMixin):
             dataclasses.replace(
                 feature,
                 mm_position=dataclasses.replace(
-                    feature.mm_position, offset=where[feature.mm_position.offset], length=full
+                    feature.mm_position, offset=where[feature.mm_position.offset], length=length
                 ),
             )
-            for feature, full in grown
+            for feature, length in grown
         ]
         positions, _ = super().get_mrope_input_positions(tokens, features)  # type: ignore[misc]
         # Decoding continues where it would unpruned: after the largest position.
@@ -248,13 +331,12 @@ class HivtpQwenModelMixin(HivtpSelectMixin):
         if input_ids is None:  # a prompt given as embeddings: no image placeholders
             embeds = [e[:, : -mrope.CHANNELS] for e in multimodal_embeddings]
             return embeds, mrope_positions, int(mrope_positions.max()) + 1 - len(mrope_positions[0])
-        embeds, positions = mrope.place_kept(
+        embeds, positions = mrope.place(
             input_ids,
             mrope_positions,
             list(multimodal_embeddings),
             num_computed_tokens,
             (config.image_token_id, config.video_token_id),
-            config.vision_start_token_id,
         )
         delta = int(positions.max()) + 1 - len(input_ids)
         return embeds, positions, delta
@@ -269,4 +351,9 @@ class HivtpQwenModelMixin(HivtpSelectMixin):
 
 
 def with_channels(embeds: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
-    return torch.cat([embeds, channels.to(embeds.dtype)], dim=1)
+    return torch.cat([embeds, channels.to(device=embeds.device, dtype=embeds.dtype)], dim=1)
+
+
+def unchanged(embeds: torch.Tensor) -> torch.Tensor:
+    """Rows whose positions vLLM made exact at arrival."""
+    return with_channels(embeds, mrope.unchanged_channels(len(embeds), embeds))

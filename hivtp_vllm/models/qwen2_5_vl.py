@@ -8,6 +8,11 @@ What only Qwen2.5-VL needs (the rest is :mod:`hivtp_vllm.models.qwen`):
 - The order: the tower permutes each image's merged tokens by window and
   undoes it after the merger (``reverse_indices``); the scores of the merged
   tokens go through the same inverse permutation.
+- vLLM's video pruning (EVS), when on: a video is one run of video tokens,
+  and its kept tokens' positions are its unpruned ones, ``t`` scaled by
+  ``second_per_grid_ts * tokens_per_second`` as vLLM's own positions are
+  (vLLM's EVS columns truncate ``second_per_grid_ts`` to an integer first and
+  round in bfloat16; these columns do neither).
 """
 
 from __future__ import annotations
@@ -22,11 +27,15 @@ from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.video_prune.evs import compute_retention_mask
 
+from hivtp_vllm import mrope
 from hivtp_vllm.models.qwen import (
+    MERGE_UNIT,
     HivtpQwenInfoMixin,
     HivtpQwenModelMixin,
     HivtpQwenProcessorMixin,
+    with_channels,
 )
 from hivtp_vllm.pruning import windowed_band
 
@@ -64,3 +73,36 @@ class HivtpQwen2_5_VLForConditionalGeneration(
             return scores[reverse.to(scores.device)]
 
         return merged, raster
+
+    def hivtp_video_runs(self, input_tokens, feature) -> list[tuple[int, int, int, int]]:
+        place = feature.mm_position
+        full = int(feature.data["video_grid_thw"].data.prod()) // MERGE_UNIT
+        if place.length >= full:
+            return []
+        return [(place.offset, place.length, full, self.config.video_token_id)]
+
+    def hivtp_pruned_videos(self, embeds, video_input) -> list[torch.Tensor]:
+        seconds = video_input.get("second_per_grid_ts")
+        if seconds is None:  # vLLM's own video pruning refuses these the same way
+            raise ValueError(
+                "second_per_grid_ts is required when video_pruning_rate > 0 "
+                "is enabled for video inputs, including the video_embeds path."
+            )
+        merge = self.visual.spatial_merge_size
+        per_second = getattr(self.config.vision_config, "tokens_per_second", 1.0)
+        out = []
+        for emb, (t, h, w), second in zip(
+            embeds, video_input["video_grid_thw"].tolist(), seconds.tolist(), strict=True
+        ):
+            keep = compute_retention_mask(
+                emb, (t, h, w), spatial_merge_size=merge, q=self.video_pruning_rate
+            )
+            # As vLLM's positions of the unpruned video (get_mrope_input_positions).
+            frames = (torch.arange(t, dtype=torch.float64) * (second * per_second)).long()
+            grid = torch.meshgrid(
+                frames, torch.arange(h // merge), torch.arange(w // merge), indexing="ij"
+            )
+            relative = torch.stack(grid, dim=-1).view(-1, 3)[keep.cpu()]
+            slots = torch.arange(len(relative))
+            out.append(with_channels(emb[keep], mrope.row_channels(slots, relative, 0, emb.dtype)))
+        return out

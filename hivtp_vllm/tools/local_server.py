@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import gc
 import io
 import json
 import os
@@ -82,6 +83,10 @@ def read_stream(lines: Iterable[bytes]) -> tuple[float | None, dict]:
 def in_process_llm(model: Path | str, **overrides: object) -> Iterator[object]:
     """vLLM's ``LLM`` engine in this process, so ``apply_model`` can return
     tensors from the loaded model (tests, overhead benchmarks)."""
+    # An earlier in-process engine that is no longer referenced resets vLLM's
+    # process-wide parallel state when collected: collect it before this one
+    # starts, not while it runs.
+    gc.collect()
     saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM

@@ -1,0 +1,316 @@
+"""M-RoPE positions on Qwen2.5-VL and Qwen3-VL beyond the image cases of
+test_qwen_vl.py: vLLM's own video pruning (``--video-pruning-rate``, EVS)
+alongside HIVTP, and positions past the prompt's length against the
+rotary table.
+
+Videos pruned by vLLM, images by the plugin, in one prompt, in one server.
+
+The reference is vLLM itself: the same checkpoint and request served
+without video pruning gives every token's unpruned position (vLLM's
+unpruned positions equal transformers', see test_qwen_vl.py), and vLLM's
+``compute_retention_mask`` on the tower's output says which video tokens
+its pruning keeps. With both prunings on, the language model must get the
+unpruned positions at every text token, every kept image token and every
+kept video token, across prefill chunks, and decode where it would unpruned.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from hivtp_vllm import mrope
+from hivtp_vllm.pruning import num_retained
+from hivtp_vllm.tools.checkpoints import make_checkpoint
+from hivtp_vllm.tools.local_server import image_data_url, in_process_llm
+from tests.helpers import chat_with_video, prompt_tokens, video_data_url
+
+ARCHS = ("qwen2.5-vl", "qwen3-vl")
+MAX_LEN = 4096
+RATE = 0.5  # vLLM's --video-pruning-rate
+FRAMES, FRAME_SIZE = 8, (112, 112)
+IMAGE_SIZE = (448, 224)
+UNIT = {"qwen2.5-vl": 28, "qwen3-vl": 32}  # pixels per merged token side
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen(tmp_path_factory, arch):
+    out = tmp_path_factory.mktemp(arch) / f"tiny-{arch}"
+    make_checkpoint(out, size="tiny", arch=arch)
+    return out
+
+
+def messages(video: str, image: str) -> list[dict]:
+    content = [
+        {"type": "video_url", "video_url": {"url": video}},
+        {"type": "text", "text": "Then this image."},
+        {"type": "image_url", "image_url": {"url": image}},
+        {"type": "text", "text": "What happens?"},
+    ]
+    return [{"role": "user", "content": content}]
+
+
+def _install_recorders(model) -> None:
+    """Record the positions the language model gets, the video tower's
+    unpruned output and the image rows the model emits."""
+    records = {"positions": [], "videos": [], "images": []}
+    model.test_records = records
+
+    def before_lm(_module, args, kwargs):
+        positions = kwargs["positions"] if "positions" in kwargs else args[0]
+        records["positions"].append(positions.detach().cpu().clone())
+
+    model.language_model.model.layers[0].register_forward_pre_hook(before_lm, with_kwargs=True)
+    process_video, embed_images = model._process_video_input, model.hivtp_embed_images
+
+    def videos(video_input):
+        out = process_video(video_input)
+        records["videos"].append(
+            ([e.detach().cpu().clone() for e in out], video_input["video_grid_thw"].tolist())
+        )
+        return out
+
+    def images(image_input, plans):
+        out = embed_images(image_input, plans)
+        records["images"] += [e.detach().cpu().clone() for e in out]
+        return out
+
+    model._process_video_input = videos
+    model.hivtp_embed_images = images
+
+
+def _serve(llm, msgs, kwargs):
+    """(prompt ids, prefill positions [3, N], decode position [3], records)."""
+    from vllm import SamplingParams
+
+    llm.apply_model(_install_recorders)
+    (out,) = llm.chat(
+        msgs,
+        SamplingParams(max_tokens=2, temperature=0.0),
+        mm_processor_kwargs=kwargs,
+        use_tqdm=False,
+    )
+    (records,) = llm.apply_model(lambda m: m.test_records)
+    ids = list(out.prompt_token_ids)
+    chunks, total = [], 0
+    for positions in records["positions"]:  # the prefill may come in several chunks
+        if total == len(ids):
+            break
+        chunks.append(positions)
+        total += positions.shape[-1]
+    assert total == len(ids)
+    decode = records["positions"][len(chunks)][:, 0]
+    records["chunks"] = len(chunks)
+    return ids, torch.cat(chunks, dim=1), decode, records
+
+
+def unpruned_index(arch, config, full_ids, ids, kept_image, kept_video, frame_tokens):
+    """For each token of the pruned prompt, its index in the unpruned one.
+
+    Walks both prompts: text tokens pair up; the image's slots are its kept
+    tokens; the video's are its kept tokens (Qwen2.5-VL), or, for Qwen3-VL,
+    the run vLLM's video pruning lays out from the first frame's tokens on:
+    each frame's kept tokens, ``<|vision_end|>``, the next frame's timestamp
+    and ``<|vision_start|>``.
+    """
+    out, a, b = [], 0, 0
+    while b < len(ids):
+        token = ids[b]
+        if token == config.image_token_id:
+            out += [a + k for k in kept_image]
+            b += len(kept_image)
+            while a < len(full_ids) and full_ids[a] == token:
+                a += 1
+        elif token == config.video_token_id:
+            layout = []
+            for f in range(len(kept_video) // frame_tokens):
+                frame = kept_video[f * frame_tokens : (f + 1) * frame_tokens]
+                layout += [a + k for k in frame.nonzero().flatten().tolist()]
+                a += frame_tokens
+                if arch == "qwen3-vl":  # the text up to the next frame's tokens
+                    last = f == len(kept_video) // frame_tokens - 1
+                    while a < len(full_ids) and full_ids[a] != config.video_token_id:
+                        layout.append(a)
+                        a += 1
+                        if last:
+                            break
+            out += layout
+            b += len(layout)
+        else:
+            assert full_ids[a] == token, (a, b)
+            out.append(a)
+            a, b = a + 1, b + 1
+    assert a == len(full_ids)
+    return out
+
+
+def test_positions_with_both_prunings_are_the_unpruned_ones(tiny_qwen, arch):
+    from vllm.multimodal.video_prune.evs import (
+        compute_retained_tokens_count,
+        compute_retention_mask,
+    )
+
+    msgs = messages(video_data_url(90, FRAMES, FRAME_SIZE), image_data_url(91, *IMAGE_SIZE))
+    limit = {"image": 1, "video": 1}
+    with in_process_llm(tiny_qwen, max_model_len=MAX_LEN, limit_mm_per_prompt=limit) as llm:
+        full_ids, want, want_decode, _ = _serve(llm, msgs, None)
+        (config,) = llm.apply_model(lambda m: m.config)
+    # Release the first engine before the second starts: its teardown resets
+    # vLLM's process-wide parallel state.
+    del llm
+    gc.collect()
+    # Small chunks: the video and the image reach the model in pieces.
+    with in_process_llm(
+        tiny_qwen,
+        max_model_len=MAX_LEN,
+        limit_mm_per_prompt=limit,
+        video_pruning_rate=RATE,
+        max_num_batched_tokens=24,
+        enable_chunked_prefill=True,
+    ) as llm:
+        ids, got, got_decode, records = _serve(llm, msgs, {"hivtp_retain_ratio": 0.25})
+
+    assert records["chunks"] > 2
+    ((video,), ((t, h, w),)) = records["videos"][-1]
+    frame_tokens = h * w // 4
+    kept_video = compute_retention_mask(video, (t, h, w), spatial_merge_size=2, q=RATE)
+    image_rows = records["images"][-1]
+    rows, cols = IMAGE_SIZE[1] // UNIT[arch], IMAGE_SIZE[0] // UNIT[arch]
+    fields = mrope.read_channels(image_rows)
+    kept_image = (fields[:, 2] * cols + fields[:, 3]).tolist()
+    assert len(kept_image) == num_retained(rows * cols, 0.25)
+    assert 0 < int(kept_video.sum()) < len(kept_video)
+    assert kept_video[frame_tokens:].any()  # kept tokens past the first frame
+    # Counts: vLLM's for the video (its processor), the spec's for the image.
+    video_kept = compute_retained_tokens_count(frame_tokens, t, RATE)
+    assert int(kept_video.sum()) == video_kept
+    assert len(full_ids) - len(ids) == (t * frame_tokens - video_kept) + (
+        rows * cols - len(kept_image)
+    )
+
+    index = unpruned_index(arch, config, full_ids, ids, kept_image, kept_video, frame_tokens)
+    assert len(index) == len(ids)
+    assert torch.equal(got, want[:, index])
+    assert torch.equal(got_decode, want_decode)
+
+
+def test_positions_past_the_prompt_stay_inside_the_rotary_table(tiny_qwen, arch):
+    """A pruned image moves the text after it by max(rows, cols) - K past its
+    token count. With max_model_len = max_position_embeddings (vLLM's
+    default), a long prompt with an elongated image pruned to one token
+    reaches positions past max_position_embeddings: served, and decoded up
+    to max_model_len. A prompt that could move past the table (4x
+    max_position_embeddings, as vLLM sizes it for its own pruning) is
+    refused in the processor (a 400 from a server), never in the model."""
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    from tests.helpers import noise
+
+    limit = 512
+    text = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{}<|im_end|>\n"
+    text += "<|im_start|>assistant\n"
+    wide = noise(1, 100 * UNIT[arch], 2 * UNIT[arch])  # 2 x 100 merged tokens
+    with in_process_llm(
+        tiny_qwen,
+        max_model_len=limit,
+        hf_overrides={"text_config": {"max_position_embeddings": limit}},
+        limit_mm_per_prompt={"image": 6},
+    ) as llm:
+        (out,) = llm.generate(
+            {
+                "prompt": text.format("word " * 430),
+                "multi_modal_data": {"image": [wide]},
+                "mm_processor_kwargs": {"hivtp_num_tokens": 1},
+            },
+            SamplingParams(max_tokens=limit, ignore_eos=True),
+            use_tqdm=False,
+        )
+        length = len(out.prompt_token_ids)
+        # Decoded to the end: the last positions are about 100 past the
+        # last token's index, past max_position_embeddings.
+        assert length + len(out.outputs[0].token_ids) == limit
+        tall = [noise(2 + i, 320 * UNIT[arch], 4 * UNIT[arch]) for i in range(6)]
+        many = text.format("").replace(
+            "<|vision_start|><|image_pad|><|vision_end|>",
+            "<|vision_start|><|image_pad|><|vision_end|>" * 6,
+        )
+        with pytest.raises(VLLMValidationError, match="hivtp_num_tokens") as refused:
+            llm.generate(
+                {
+                    "prompt": many,
+                    "multi_modal_data": {"image": tall},
+                    "mm_processor_kwargs": {"hivtp_num_tokens": 1},
+                },
+                SamplingParams(max_tokens=2),
+                use_tqdm=False,
+            )
+        assert f"{4 * limit} positions" in str(refused.value)
+        # Keeping more tokens of the same images is served.
+        (out,) = llm.generate(
+            {
+                "prompt": many,
+                "multi_modal_data": {"image": tall},
+                "mm_processor_kwargs": {"hivtp_num_tokens": 64},
+            },
+            SamplingParams(max_tokens=2),
+            use_tqdm=False,
+        )
+        assert len(out.prompt_token_ids) < limit
+
+
+# -- server -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def video_pruning_server(server_factory, tiny_qwen):
+    args = (
+        "--max-model-len",
+        str(MAX_LEN),
+        "--limit-mm-per-prompt",
+        '{"image": 1, "video": 1}',
+        "--video-pruning-rate",
+        str(RATE),
+    )
+    server = server_factory(tiny_qwen, *args)
+    yield server
+    server.stop()
+
+
+@pytest.mark.server
+def test_server_prunes_videos_by_vllm_and_images_by_hivtp(video_pruning_server, arch):
+    """Counts as vLLM's video pruning sets them for the video, as the
+    request's hivtp keys set them for the image; bad keys are still a 400."""
+    from vllm.multimodal.video_prune.evs import compute_retained_tokens_count
+
+    server = video_pruning_server
+    video = video_data_url(92, FRAMES, FRAME_SIZE)
+    image = image_data_url(93, *IMAGE_SIZE)
+    frames = FRAMES // 2  # two frames a temporal patch
+    per_frame = (FRAME_SIZE[0] // UNIT[arch]) * (FRAME_SIZE[1] // UNIT[arch])
+    kept = compute_retained_tokens_count(per_frame, frames, RATE)
+    assert kept < per_frame * frames
+    alone = prompt_tokens(chat_with_video(server, video, None, None))
+    n = (IMAGE_SIZE[0] // UNIT[arch]) * (IMAGE_SIZE[1] // UNIT[arch])
+    for kwargs, image_tokens in (
+        (None, n),
+        ({"hivtp_retain_ratio": 0.25}, num_retained(n, 0.25)),
+        ({"hivtp_num_tokens": 5}, 5),
+    ):
+        both = prompt_tokens(chat_with_video(server, video, image, kwargs))
+        # The image adds its tokens, <|vision_start|>, <|vision_end|>.
+        assert both - alone == image_tokens + 2, kwargs
+    response = chat_with_video(server, video, image, {"hivtp_retain_ratio": 2})
+    assert response.status_code == 400
+    # The video alone: vLLM's pruned count, whatever the hivtp keys say.
+    assert (
+        prompt_tokens(chat_with_video(server, video, None, {"hivtp_retain_ratio": 0.25})) == alone
+    )
+    assert prompt_tokens(chat_with_video(server, video, None, None)) == alone
