@@ -90,6 +90,37 @@ def ensure_model(path: Path, size: str, arch: str = "llava") -> Path:
     return path
 
 
+# Qwen2.5-VL-7B-Instruct's published vision tower (its config.json).
+QWEN_7B_TOWER = {
+    "depth": 32,
+    "hidden_size": 1280,
+    "intermediate_size": 3420,
+    "num_heads": 16,
+    "fullatt_block_indexes": [7, 15, 23, 31],
+    "window_size": 112,
+}
+
+
+def qwen_7b_tower(models: Path) -> Path:
+    """A config-only checkpoint: the tiny Qwen2.5-VL with the 7B's vision
+    tower (weights from vLLM's ``--load-format dummy``; the merger projects
+    to the tiny language model's width)."""
+    import json
+    import shutil
+
+    tiny = ensure_model(models / "tiny-qwen2.5-vl", "tiny", "qwen2.5-vl")
+    out = models / "qwen2.5-vl-7b-tower"
+    if not (out / "config.json").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        for f in tiny.iterdir():
+            if f.is_file() and not f.name.endswith(".safetensors") and "index" not in f.name:
+                shutil.copy(f, out / f.name)
+        config = json.loads((tiny / "config.json").read_text())
+        config["vision_config"].update(QWEN_7B_TOWER)
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
 def measure_ttft(model: Path, requests: int, arch: Arch) -> dict:
     # A KV cache that holds a whole max-length prompt of the bench LM.
     image, max_len = arch.image, arch.max_model_len
@@ -284,12 +315,15 @@ QWEN_READING = [
     "Reading: the bench tower is 64 wide with 2 heads, built for the LM/vision cost split;",
     "at S = 5476 patches an image, one layer's softmax(q k^T) costs more than several",
     "layers' linear work, and scoring recomputes it for the one scored layer (3, the full",
-    "attention layer nearest the middle). Qwen2.5-VL-7B's tower is 1280 wide and 32 layers",
-    "deep with one scored layer (7) as well. Counting FLOPs at this size (estimate, not a",
-    "measurement): its tower does about 7.5 TFLOPs an image (32 blocks of linear work,",
-    "0.2 TFLOPs each; full attention in 4 of them, windows of 64 patches elsewhere), and",
-    "scoring recomputes one layer's q k^T, about 0.08 TFLOPs: about 1% of the tower. Not",
-    "measured here: no GPU this session, and a 7B tower pass takes minutes on 2 cores.",
+    "attention layer nearest the middle). The Qwen2.5-VL-7B row is the published 7B tower",
+    "(vLLM's dummy weights, the tiny language model behind it), scoring its layer 7: there",
+    "the 32 layers' linear work dominates, and the overhead is the share to expect at",
+    "full size. Both are CPU timings; a GPU's share may differ (its attention kernels are",
+    "fused, the scoring's softmax is not).",
+]
+QWEN_READING_NO_7B = QWEN_READING[:4] + [
+    "attention layer nearest the middle). The full-size tower was not run",
+    "(`--skip-clip-l`).",
 ]
 
 
@@ -299,7 +333,9 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=12, help="requests per ratio")
     parser.add_argument("--reps", type=int, default=7, help="overhead repetitions")
     parser.add_argument("--models", type=Path, default=ROOT / ".cache" / "models")
-    parser.add_argument("--skip-clip-l", action="store_true", help="no full-size tower run")
+    parser.add_argument(
+        "--skip-clip-l", action="store_true", help="no full-size tower run (CLIP-L, Qwen2.5-VL-7B)"
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     arch = ARCHS[args.arch]
@@ -316,6 +352,13 @@ def main() -> int:
         clip_l = ensure_model(args.models / "clip-l-probe", "clip-l")
         # CLIP-L costs seconds per image on 2 CPU cores: 1 and 4 tower inputs.
         over_clip = measure_overhead(clip_l, (1, 4), 3, ARCHS["llava"], max_model_len=2048)
+    over_7b = {}
+    if not args.skip_clip_l and args.arch == "qwen2.5-vl":
+        print("[overhead] Qwen2.5-VL-7B tower ...", flush=True)
+        # About a minute a tower pass on 2 CPU cores: one image, 3 rounds.
+        over_7b = measure_overhead(
+            qwen_7b_tower(args.models), (1,), 3, arch, load_format="dummy", max_model_len=2048
+        )
 
     from hivtp_vllm.pruning import num_retained
 
@@ -356,9 +399,15 @@ def main() -> int:
         "|---|---|---|---|---|---|---|",
         *overhead_rows(arch.tower, over_bench),
         *overhead_rows("CLIP-L (24 x 1024, runs 23)", over_clip),
+        *overhead_rows("Qwen2.5-VL-7B (32 x 1280, full attention in 4, scores 7)", over_7b),
     ]
     see_llava = ["", "(For the full-size CLIP-L tower see LLaVA-1.5's section.)"]
-    lines += READING if over_clip else QWEN_READING if args.arch == "qwen2.5-vl" else see_llava
+    if over_clip:
+        lines += READING
+    elif args.arch == "qwen2.5-vl":
+        lines += QWEN_READING if over_7b else QWEN_READING_NO_7B
+    else:
+        lines += see_llava
     write_section(arch.section, "\n".join(lines))
     print("\n".join(lines))
     return 0

@@ -17,7 +17,6 @@ What only Qwen3-VL needs (the rest is :mod:`hivtp_vllm.models.qwen`):
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from vllm.model_executor.models.qwen3_vl import (
     Qwen3VLDummyInputsBuilder,
@@ -65,11 +64,13 @@ class HivtpQwen3VLForConditionalGeneration(HivtpQwenModelMixin, Qwen3VLForCondit
         place = feature.mm_position
         _, h, w = feature.data["video_grid_thw"].data.tolist()
         per_frame = h * w // MERGE_UNIT
-        block = np.asarray(input_tokens[place.offset : place.offset + place.length])
-        starts = place.offset + np.flatnonzero(block == config.vision_start_token_id)
-        ends = place.offset + np.flatnonzero(block == config.vision_end_token_id)
+        block = torch.as_tensor(input_tokens[place.offset : place.offset + place.length])
+        starts = (
+            (block == config.vision_start_token_id).nonzero().flatten() + place.offset
+        ).tolist()
+        ends = ((block == config.vision_end_token_id).nonzero().flatten() + place.offset).tolist()
         return [
-            (int(s) + 1, int(e - s) - 1, per_frame, config.video_token_id)
+            (s + 1, e - s - 1, per_frame, config.video_token_id)
             for s, e in zip(starts, ends, strict=True)
             if e - s - 1 != per_frame
         ]
