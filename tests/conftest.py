@@ -41,3 +41,22 @@ def shared_plugin_server(server_factory, tiny_llava) -> VllmServer:
     """One server with the plugin and vLLM's defaults, shared by the modules
     that only send it requests (each server start costs tens of seconds)."""
     return server_factory(tiny_llava)
+
+
+QWEN_ARCHS = ("qwen2.5-vl", "qwen3-vl")
+
+
+@pytest.fixture(scope="module", params=QWEN_ARCHS)
+def qwen_arch(request) -> str:
+    """Each Qwen-VL family in turn: a module's tests run for one, then the other."""
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen(tmp_path_factory: pytest.TempPathFactory, qwen_arch: str) -> Path:
+    """A tiny random-weight checkpoint of that family (``make-model --size tiny``)."""
+    from hivtp_vllm.tools.checkpoints import make_checkpoint
+
+    out = tmp_path_factory.mktemp(qwen_arch) / f"tiny-{qwen_arch}"
+    make_checkpoint(out, size="tiny", arch=qwen_arch)
+    return out

@@ -23,11 +23,9 @@ import torch
 
 from hivtp_vllm import mrope
 from hivtp_vllm.pruning import num_retained
-from hivtp_vllm.tools.checkpoints import make_checkpoint
 from hivtp_vllm.tools.local_server import image_data_url, in_process_llm
 from tests.helpers import chat_with_video, prompt_tokens, video_data_url
 
-ARCHS = ("qwen2.5-vl", "qwen3-vl")
 MAX_LEN = 4096
 RATE = 0.5  # vLLM's --video-pruning-rate
 FRAMES, FRAME_SIZE = 8, (112, 112)
@@ -35,16 +33,9 @@ IMAGE_SIZE = (448, 224)
 UNIT = {"qwen2.5-vl": 28, "qwen3-vl": 32}  # pixels per merged token side
 
 
-@pytest.fixture(scope="module", params=ARCHS)
-def arch(request) -> str:
-    return request.param
-
-
 @pytest.fixture(scope="module")
-def tiny_qwen(tmp_path_factory, arch):
-    out = tmp_path_factory.mktemp(arch) / f"tiny-{arch}"
-    make_checkpoint(out, size="tiny", arch=arch)
-    return out
+def arch(qwen_arch) -> str:
+    return qwen_arch
 
 
 def messages(video: str, image: str) -> list[dict]:

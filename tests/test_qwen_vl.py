@@ -18,13 +18,11 @@ from hivtp_vllm.pruning import (
     uniform_tokens,
     windowed_band,
 )
-from hivtp_vllm.tools.checkpoints import make_checkpoint
 from hivtp_vllm.tools.local_server import image_data_url, in_process_llm
 from tests.helpers import chat_with_video, noise, prompt_tokens, video_data_url
 from tests.reference_scores import qwen_transformers_scores
 
 MAX_LEN = 4096
-ARCHS = ("qwen2.5-vl", "qwen3-vl")
 # Pixels per merged token side: patch 14 (Qwen2.5-VL) or 16 (Qwen3-VL) x merge 2.
 UNIT = {"qwen2.5-vl": 28, "qwen3-vl": 32}
 # Two images with text between and after, as a chat prompt.
@@ -44,16 +42,9 @@ ONE_IMAGE = (
 PROMPTS = {"two images, text between": (PROMPT, SIZES), "one tall image": (ONE_IMAGE, SIZES[1:])}
 
 
-@pytest.fixture(scope="module", params=ARCHS)
-def arch(request) -> str:
-    return request.param
-
-
 @pytest.fixture(scope="module")
-def tiny_qwen(tmp_path_factory, arch):
-    out = tmp_path_factory.mktemp(arch) / f"tiny-{arch}"
-    make_checkpoint(out, size="tiny", arch=arch)
-    return out
+def arch(qwen_arch) -> str:
+    return qwen_arch
 
 
 def merged_grid(arch: str, width: int, height: int) -> tuple[int, int]:
