@@ -82,18 +82,16 @@ class HivtpQwen2_5_VLForConditionalGeneration(
         return [(place.offset, place.length, full, self.config.video_token_id)]
 
     def hivtp_pruned_videos(self, embeds, video_input) -> list[torch.Tensor]:
+        grid_thw = video_input["video_grid_thw"].tolist()
         seconds = video_input.get("second_per_grid_ts")
-        if seconds is None:  # vLLM's own video pruning refuses these the same way
-            raise ValueError(
-                "second_per_grid_ts is required when video_pruning_rate > 0 "
-                "is enabled for video inputs, including the video_embeds path."
-            )
+        # Missing for client embeddings: vLLM's own positions then take 1.0
+        # (get_mrope_input_positions), as these do. (vLLM's video pruning
+        # raises here instead, which inside the forward stops the engine.)
+        seconds = [1.0] * len(grid_thw) if seconds is None else seconds.tolist()
         merge = self.visual.spatial_merge_size
         per_second = getattr(self.config.vision_config, "tokens_per_second", 1.0)
         out = []
-        for emb, (t, h, w), second in zip(
-            embeds, video_input["video_grid_thw"].tolist(), seconds.tolist(), strict=True
-        ):
+        for emb, (t, h, w), second in zip(embeds, grid_thw, seconds, strict=True):
             keep = compute_retention_mask(
                 emb, (t, h, w), spatial_merge_size=merge, q=self.video_pruning_rate
             )
