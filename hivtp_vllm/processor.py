@@ -225,8 +225,18 @@ class HivtpProcessorMixin:
         inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs={**rest, RESOLVED: request})
         result = super().apply(inputs, timing_ctx)  # type: ignore[misc]
         if not self._hivtp_dummy:
-            self._hivtp_count(inputs, request)
+            plans = self._hivtp_plans(inputs, request)
+            self._hivtp_check(result, plans, request)
+            self._hivtp_count(plans, request)
         return result
+
+    def _hivtp_check(
+        self, result, plans: list[Plan | None], request: params.PruningRequest
+    ) -> None:
+        """Refuse (raise a client error) what the model could not serve; a
+        family's hook, given each image's plan (None where its pixels are
+        not at hand). Plans, not the result's items: vLLM's processor cache
+        leaves an item it has seen before out of the result."""
 
     def _hivtp_images(self, mm_items: MultiModalDataItems) -> ImageProcessorItems | None:
         """The request's images as pixels, or None (none, or client embeddings)."""
@@ -235,27 +245,39 @@ class HivtpProcessorMixin:
         images = mm_items["image"]
         return images if isinstance(images, ImageProcessorItems) else None
 
-    def _hivtp_count(self, inputs, request: params.PruningRequest) -> None:
-        """Images, visual tokens and effective ratio of one request."""
+    def _hivtp_plans(self, inputs, request: params.PruningRequest) -> list[Plan | None]:
+        """Each image's plan, from its size (None: client embeddings, or an
+        image referenced by uuid whose pixels are not at hand)."""
         images = self._hivtp_images(inputs.mm_data_items)
         if images is None:
-            return
+            return []
         info = self.info  # type: ignore[attr-defined]
         rest = other_kwargs(inputs.hf_processor_mm_kwargs)
-        plans = [
-            info.hivtp_plan(
-                image_width=s.width, image_height=s.height, request=request, mm_kwargs=rest
+        plans: list[Plan | None] = []
+        for i in range(images.get_count()):
+            if images.get(i) is None:
+                plans.append(None)
+                continue
+            size = images.get_image_size(i)
+            plans.append(
+                info.hivtp_plan(
+                    image_width=size.width,
+                    image_height=size.height,
+                    request=request,
+                    mm_kwargs=rest,
+                )
             )
-            for i in range(images.get_count())
-            if images.get(i) is not None  # referenced by uuid: pixels not at hand
-            for s in (images.get_image_size(i),)
-        ]
-        if plans:
+        return plans
+
+    def _hivtp_count(self, plans: list[Plan | None], request: params.PruningRequest) -> None:
+        """Images, visual tokens and effective ratio of one request."""
+        known = [p for p in plans if p is not None]
+        if known:
             metrics.record_images(
-                info.ctx.model_config.served_model_name,
-                [p.layout.tokens for p in plans],
-                [p.tokens for p in plans],
-                [sum(p.keep) / max(1, sum(p.layout.sizes)) for p in plans],
+                self.info.ctx.model_config.served_model_name,  # type: ignore[attr-defined]
+                [p.layout.tokens for p in known],
+                [p.tokens for p in known],
+                [sum(p.keep) / max(1, sum(p.layout.sizes)) for p in known],
                 request.selection,
             )
 

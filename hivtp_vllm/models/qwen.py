@@ -99,30 +99,28 @@ class HivtpQwenProcessorMixin(HivtpProcessorMixin):
 
         return type(stock)(modality="image", target=stock.target, replacement=replacement)
 
-    def apply(self, inputs, timing_ctx):
-        result = super().apply(inputs, timing_ctx)
-        self._hivtp_check_positions(result)
-        return result
-
-    def _hivtp_check_positions(self, result) -> None:
-        """Refuse (400) a prompt whose positions would run past the rotary table.
+    def _hivtp_check(self, result, plans, request) -> None:
+        """Refuse (400) a prompt whose positions could run past the rotary table.
 
         A pruned image of K tokens moves the positions after it by
-        ``max(rows, cols)``, so each moves the rest of the prompt, and every
-        token decoded after it, ``max(rows, cols) - K`` further than its
-        length does. vLLM checks a prompt's length against max_model_len,
-        not its positions; an index past the table would stop the engine.
+        ``max(rows, cols)``, so the rest of the prompt, and every token
+        decoded after it, sits ``max(rows, cols) - K`` further on than its
+        length. vLLM checks a prompt's length against max_model_len, not its
+        positions, and an index past the table would stop the engine. An
+        image whose size is not at hand (referenced by uuid) counts as the
+        longest side the processor allows.
         """
-        items = result["mm_kwargs"].get("image", [])
+        if not request.prunes:
+            return
+        info = self.info  # type: ignore[attr-defined]
         places = result["mm_placeholders"].get("image", [])
         shift = 0
-        for item, place in zip(items, places, strict=True):
-            if item is None or contract.NUM_KEEP not in item:
-                continue
-            _, h, w = item["image_grid_thw"].data.tolist()
-            merge = int(MERGE_UNIT**0.5)
-            shift += max(0, max(h, w) // merge - place.length)
-        info = self.info  # type: ignore[attr-defined]
+        for plan, place in zip(plans, places, strict=bool(plans)):
+            if plan is None:
+                side = info.get_max_image_tokens()
+            else:
+                side = max(plan.layout.grids[0])
+            shift += max(0, side - place.length)
         limit = position_limit(info.get_hf_config())
         longest = info.ctx.model_config.max_model_len + shift
         if longest > limit:
