@@ -139,7 +139,11 @@ def place(
     it reads only positions that step 1 made exact, which it never changes.
     """
     stripped = [e[:, :-CHANNELS] for e in embeddings]
-    fields = [read_channels(e) for e in embeddings]
+    if not embeddings:
+        return stripped, positions
+    # One copy to the host for the whole chunk, then split per item.
+    columns = torch.cat([e[:, -CHANNELS:] for e in embeddings])
+    fields = read_channels(columns).split([len(e) for e in embeddings])
     if not any(len(f) and int(f[0, 0]) >= 0 for f in fields):
         return stripped, positions
     ids = torch.as_tensor(input_ids, dtype=torch.long)
