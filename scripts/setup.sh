@@ -49,7 +49,9 @@ case "$version" in
 esac
 
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
-pip() { "$venv/bin/python" -m pip --disable-pip-version-check "$@"; }
+# --no-cache-dir: the wheels (about 5 GB for a GPU build) are not kept a second
+# time in pip's cache; CI machines have been seen with little free disk.
+pip() { "$venv/bin/python" -m pip --disable-pip-version-check --no-cache-dir "$@"; }
 
 if ! "$venv/bin/python" -c "import vllm, sys; sys.exit(vllm.__version__ != '$version')" 2>/dev/null; then
   echo "[setup] installing vLLM $version ($build build) into $venv (CPU ~3.5 GB, GPU ~9 GB; a few minutes)"
