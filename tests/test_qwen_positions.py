@@ -24,7 +24,7 @@ import torch
 from hivtp_vllm import mrope
 from hivtp_vllm.pruning import num_retained
 from hivtp_vllm.tools.local_server import image_data_url, in_process_llm
-from tests.helpers import chat_with_video, prompt_tokens, video_data_url
+from tests.helpers import chat_with_video, noise, prompt_tokens, video_data_url
 
 MAX_LEN = 4096
 RATE = 0.5  # vLLM's --video-pruning-rate
@@ -48,10 +48,21 @@ def messages(video: str, image: str) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
+# A raw prompt whose last tokens are an image's (no <|vision_end|> after it).
+ENDS_IN_IMAGE = {
+    "prompt": "<|im_start|>user\nDescribe this.<|vision_start|><|image_pad|>",
+    "multi_modal_data": {"image": [noise(92, *IMAGE_SIZE)]},
+}
+
+
 def _install_recorders(model) -> None:
     """Record the positions the language model gets, the video tower's
-    unpruned output and the image rows the model emits."""
+    unpruned output and the image rows the model emits, for one request."""
     records = {"positions": [], "videos": [], "images": []}
+    if hasattr(model, "test_records"):  # installed by an earlier request: start afresh
+        for kept in model.test_records.values():
+            kept.clear()
+        return
     model.test_records = records
 
     def before_lm(_module, args, kwargs):
@@ -78,17 +89,20 @@ def _install_recorders(model) -> None:
 
 
 def _serve(llm, msgs, kwargs):
-    """(prompt ids, prefill positions [3, N], decode position [3], records)."""
+    """(prompt ids, prefill positions [3, N], decode position [3], records).
+
+    ``msgs`` are chat messages, or a raw prompt as ``LLM.generate`` takes it.
+    """
     from vllm import SamplingParams
 
     llm.apply_model(_install_recorders)
-    (out,) = llm.chat(
-        msgs,
-        SamplingParams(max_tokens=2, temperature=0.0),
-        mm_processor_kwargs=kwargs,
-        use_tqdm=False,
-    )
-    (records,) = llm.apply_model(lambda m: m.test_records)
+    sampling = SamplingParams(max_tokens=2, temperature=0.0)
+    if isinstance(msgs, dict):
+        request = {**msgs, "mm_processor_kwargs": kwargs} if kwargs else msgs
+        (out,) = llm.generate(request, sampling, use_tqdm=False)
+    else:
+        (out,) = llm.chat(msgs, sampling, mm_processor_kwargs=kwargs, use_tqdm=False)
+    (records,) = llm.apply_model(lambda m: {k: list(v) for k, v in m.test_records.items()})
     ids = list(out.prompt_token_ids)
     chunks, total = [], 0
     for positions in records["positions"]:  # the prefill may come in several chunks
@@ -152,6 +166,7 @@ def test_positions_with_both_prunings_are_the_unpruned_ones(tiny_qwen, arch):
     limit = {"image": 1, "video": 1}
     with in_process_llm(tiny_qwen, max_model_len=MAX_LEN, limit_mm_per_prompt=limit) as llm:
         full_ids, want, want_decode, _ = _serve(llm, msgs, None)
+        *_, want_end_decode, _ = _serve(llm, ENDS_IN_IMAGE, None)
         (config,) = llm.apply_model(lambda m: m.config)
     # Release the first engine before the second starts: its teardown resets
     # vLLM's process-wide parallel state.
@@ -167,6 +182,7 @@ def test_positions_with_both_prunings_are_the_unpruned_ones(tiny_qwen, arch):
         enable_chunked_prefill=True,
     ) as llm:
         ids, got, got_decode, records = _serve(llm, msgs, {"hivtp_retain_ratio": 0.25})
+        _, end_got, end_decode, _ = _serve(llm, ENDS_IN_IMAGE, {"hivtp_num_tokens": 1})
 
     assert records["chunks"] > 2
     ((video,), ((t, h, w),)) = records["videos"][-1]
@@ -190,6 +206,10 @@ def test_positions_with_both_prunings_are_the_unpruned_ones(tiny_qwen, arch):
     assert len(index) == len(ids)
     assert torch.equal(got, want[:, index])
     assert torch.equal(got_decode, want_decode)
+    # A prompt that ends in its image's tokens, pruned to one that is not the
+    # unpruned run's largest position: decoding still starts after that one.
+    assert int(end_got.max()) + 1 < int(want_end_decode[0])
+    assert torch.equal(end_decode, want_end_decode)
 
 
 def test_positions_past_the_prompt_stay_inside_the_rotary_table(tiny_qwen, arch):
@@ -202,8 +222,6 @@ def test_positions_past_the_prompt_stay_inside_the_rotary_table(tiny_qwen, arch)
     refused in the processor (a 400 from a server), never in the model."""
     from vllm import SamplingParams
     from vllm.exceptions import VLLMValidationError
-
-    from tests.helpers import noise
 
     limit = 512
     text = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{}<|im_end|>\n"

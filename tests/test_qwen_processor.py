@@ -159,6 +159,12 @@ def test_runners_let_these_models_recompute_positions():
     gather = inspect.getsource(GPUModelRunner._gather_mm_embeddings)
     assert "self.is_multimodal_pruning_enabled and self.uses_mrope" in gather
     assert "self.model.recompute_mrope_positions(" in gather
+    # The decoding offset rides on the positions tensor (models/qwen.with_delta):
+    # the runner keeps the tensor it was given and hands that object back.
+    assert "mrope_positions=req_state.mrope_positions," in gather
+    assert "req_state.mrope_positions.copy_(new_mrope_positions)" in gather
+    init = inspect.getsource(GPUModelRunner._init_mrope_positions)
+    assert "req_state.mrope_positions, req_state.mrope_position_delta = (" in init
 
     class Runner:
         is_multimodal_pruning_enabled = False

@@ -302,7 +302,8 @@ class HivtpQwenModelMixin(HivtpSelectMixin):
             runs += item_runs
             grown.append((feature, place.length + sum(f - n for _, n, f, _ in item_runs)))
         if not runs:
-            return super().get_mrope_input_positions(input_tokens, mm_features)  # type: ignore[misc]
+            positions, delta = super().get_mrope_input_positions(input_tokens, mm_features)  # type: ignore[misc]
+            return with_delta(positions, delta), delta
         tokens, where = mrope.unpruned_prompt(input_tokens, runs)
         features = [
             dataclasses.replace(
@@ -316,7 +317,7 @@ class HivtpQwenModelMixin(HivtpSelectMixin):
         positions, _ = super().get_mrope_input_positions(tokens, features)  # type: ignore[misc]
         # Decoding continues where it would unpruned: after the largest position.
         delta = int(positions.max()) + 1 - len(input_tokens)
-        return positions[:, where], delta
+        return with_delta(positions[:, where], delta), delta
 
     def recompute_mrope_positions(
         self,
@@ -328,7 +329,8 @@ class HivtpQwenModelMixin(HivtpSelectMixin):
         config = self.config  # type: ignore[attr-defined]
         if input_ids is None:  # a prompt given as embeddings: no image placeholders
             embeds = [e[:, : -mrope.CHANNELS] for e in multimodal_embeddings]
-            return embeds, mrope_positions, int(mrope_positions.max()) + 1 - len(mrope_positions[0])
+            length = mrope_positions.shape[-1]
+            return embeds, mrope_positions, arrival_delta(mrope_positions, length)
         embeds, positions = mrope.place(
             input_ids,
             mrope_positions,
@@ -336,8 +338,7 @@ class HivtpQwenModelMixin(HivtpSelectMixin):
             num_computed_tokens,
             (config.image_token_id, config.video_token_id),
         )
-        delta = int(positions.max()) + 1 - len(input_ids)
-        return embeds, positions, delta
+        return embeds, positions, arrival_delta(mrope_positions, len(input_ids))
 
     def get_encoder_cudagraph_config(self):
         # Graph replay bypasses embed_multimodal (no selection, no position
@@ -346,6 +347,30 @@ class HivtpQwenModelMixin(HivtpSelectMixin):
         config = super().get_encoder_cudagraph_config()  # type: ignore[misc]
         config.modalities = []
         return config
+
+
+def with_delta(positions: torch.Tensor, delta: int) -> torch.Tensor:
+    """Positions that remember the decoding offset computed at arrival.
+
+    The offset is fixed when the request arrives: the unpruned prompt's
+    largest position + 1 - the pruned prompt's length. After placement the
+    largest position of a prompt that ends in a pruned run (a raw prompt
+    ending in image pads) is that of the largest kept token, smaller than the
+    unpruned one, so recomputing the offset from the positions would move
+    decoding. vLLM's model runner (0.32, 0.33) keeps the tensor returned
+    here as the request's positions, writes into it in place, and hands the
+    same object to ``recompute_mrope_positions`` at every step (decode steps
+    included), so an attribute on it travels with the request.
+    """
+    positions.hivtp_delta = delta  # type: ignore[attr-defined]
+    return positions
+
+
+def arrival_delta(positions: torch.Tensor, prompt_length: int) -> int:
+    """The offset :func:`with_delta` stored; else (a runner that copies the
+    positions) from the largest position, as vLLM's own pruning does."""
+    delta = getattr(positions, "hivtp_delta", None)
+    return int(positions.max()) + 1 - prompt_length if delta is None else delta
 
 
 def with_channels(embeds: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
