@@ -36,7 +36,7 @@ def register() -> None:
     from hivtp_vllm.vllm_compat import (
         allow_hivtp_request_kwargs,
         check_vllm_version,
-        let_models_recompute_mrope,
+        let_cpu_v1_runner_recompute_mrope,
         let_vllm_limit_image_size,
     )
 
@@ -46,4 +46,4 @@ def register() -> None:
         ModelRegistry.register_model(arch, target)
     allow_hivtp_request_kwargs()
     let_vllm_limit_image_size()
-    let_models_recompute_mrope()
+    let_cpu_v1_runner_recompute_mrope()

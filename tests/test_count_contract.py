@@ -86,7 +86,7 @@ def check_case(info, family, model, width: int, height: int, options: dict | Non
             )
         except ValueError:
             # An aspect ratio over 200: vLLM refuses the image (a 400, stock
-            # and plugin alike, tests/test_server_fuzz.py); so does the count.
+            # and plugin alike, tests/test_served_families.py); so does the count.
             with pytest.raises(ValueError, match="aspect ratio"):
                 info.hivtp_layout(image_width=width, image_height=height)
             return "refused by vLLM"

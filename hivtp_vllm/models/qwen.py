@@ -34,9 +34,8 @@ from collections.abc import Sequence
 import torch
 from vllm.distributed import tensor_model_parallel_all_reduce
 from vllm.exceptions import VLLMValidationError
-from vllm.model_executor.layers.rotary_embedding.mrope import MRotaryEmbedding
 
-from hivtp_vllm import contract, mrope, params
+from hivtp_vllm import contract, mrope, params, vllm_compat
 from hivtp_vllm.contract import Layout, Plan
 from hivtp_vllm.models.common import HivtpSelectMixin, logger, server_band
 from hivtp_vllm.processor import NO_KWARGS, HivtpInfoMixin, HivtpProcessorMixin
@@ -137,10 +136,6 @@ class HivtpQwenProcessorMixin(HivtpProcessorMixin):
 class HivtpQwenModelMixin(HivtpSelectMixin):
     """Set-up, image embedding and M-RoPE positions for the Qwen-VL models."""
 
-    # Read by vllm_compat's model-runner wrapper: this model rewrites the
-    # positions of pruned images after the tower (recompute_mrope_positions).
-    hivtp_recomputes_mrope = True
-
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         # Named parameters: vLLM passes what the signature names.
         if vllm_config.compilation_config.compile_mm_encoder:
@@ -149,8 +144,13 @@ class HivtpQwenModelMixin(HivtpSelectMixin):
                 "vision blocks, where hivtp-vllm reads the attention with module hooks. "
                 "Serve without it, or without the plugin (VLLM_PLUGINS=none)."
             )
+        # vLLM's runners (V1 and V2) call recompute_mrope_positions only for
+        # a config that says its model prunes; vLLM's own __init__ then also
+        # sizes Qwen3-VL's rotary table for positions past the prompt's length.
+        vllm_compat.open_mrope_pruning_hook(vllm_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._hivtp_widen_positions()
+        # The model's own flag keeps its meaning: vLLM's video pruning is on.
+        self.is_multimodal_pruning_enabled = vllm_compat.video_pruning_on(vllm_config)
         self._hivtp_options(vllm_config)
         blocks = self.visual.blocks  # type: ignore[attr-defined]
         start, count = server_band(self.hivtp_server, len(blocks), len(blocks))
@@ -173,20 +173,6 @@ class HivtpQwenModelMixin(HivtpSelectMixin):
             reduce=tensor_model_parallel_all_reduce if local != total else None,
             span=self.hivtp_timer.span,
         )
-
-    def _hivtp_widen_positions(self) -> None:
-        """Size the language model's rotary tables for :func:`position_limit`
-        (Qwen3-VL's hold max_position_embeddings alone unless vLLM's video
-        pruning is on): positions past the prompt's length must not index
-        past them."""
-        limit = position_limit(self.config)  # type: ignore[attr-defined]
-        for module in self.language_model.modules():  # type: ignore[attr-defined]
-            if isinstance(module, MRotaryEmbedding) and module.max_position_embeddings < limit:
-                module.max_position_embeddings = module.cache_max_position_num = limit
-                old = module.cos_sin_cache
-                module.cos_sin_cache = module._compute_cos_sin_cache().to(old.device, old.dtype)
-                if getattr(module, "cos_sin_cache_bf16", None) is not None:
-                    module.cos_sin_cache_bf16 = module.cos_sin_cache.to(torch.bfloat16)
 
     # -- family hooks ------------------------------------------------------
     def hivtp_band(self, start: int, count: int) -> Sequence[int]:

@@ -110,10 +110,18 @@ class VllmServer:
     plugin, so vLLM loads none of them.
     """
 
-    def __init__(self, model: Path, args: list[str], *, plugin: bool = True) -> None:
+    def __init__(
+        self,
+        model: Path,
+        args: list[str],
+        *,
+        plugin: bool = True,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.model = str(model)
         self.args = args
         self.plugin = plugin
+        self.env = env or {}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(
@@ -122,7 +130,13 @@ class VllmServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 300.0) -> None:
-        env = dict(os.environ, HF_HUB_OFFLINE="1")
+        self.launch()
+        self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Start the process; :meth:`wait_ready` waits for it (several servers
+        can start side by side)."""
+        env = dict(os.environ, HF_HUB_OFFLINE="1", **self.env)
         if not self.plugin:
             env["VLLM_PLUGINS"] = "none-stock-vllm"
         cmd = [
@@ -141,6 +155,9 @@ class VllmServer:
         self.proc = subprocess.Popen(
             cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
         )
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        assert self.proc is not None, "launch() first"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -1,0 +1,29 @@
+"""Test-only shim: run vLLM's Model Runner V2 on this CPU machine.
+
+vLLM 0.32/0.33 pick Model Runner V2 (``vllm/v1/worker/gpu/``, on the CPU
+build ``vllm/v1/worker/cpu/model_runner.py``) whenever Triton has an active
+backend; PyPI's ``triton`` wheel has none for CPUs, so the CPU build falls
+back to V1 while every GPU runs V2. This file, put on ``PYTHONPATH`` with
+``HIVTP_TEST_V2_RUNNER=1`` (``tests/runners.py`` does both for a server or
+an in-process engine), lets V2 run here:
+
+- ``TRITON_INTERPRET=1``: Triton's interpreter runs V2's kernels with numpy
+  on the CPU (slow, exact);
+- a stand-in ``"cpu"`` entry in ``triton.backends.backends``, which vLLM's
+  CPU build reads as "Triton has a CPU backend" (``vllm.triton_utils``).
+
+Python imports ``sitecustomize`` at start-up in every process, so the API
+server, the engine core and the workers all get it. The plugin never
+imports this file; nothing in ``hivtp_vllm`` depends on it.
+"""
+
+import os
+
+if os.environ.get("HIVTP_TEST_V2_RUNNER") == "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "1")
+    from triton.backends import Backend, backends
+    from triton.backends.compiler import BaseBackend
+    from triton.backends.driver import DriverBase
+
+    backends.setdefault("cpu", Backend(compiler=BaseBackend, driver=DriverBase))
