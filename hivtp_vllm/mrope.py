@@ -38,11 +38,11 @@ __all__ = [
     "place",
 ]
 
-# Five fields per row (slot, t, h, w, lead), each as 3 base-256 digits: every
-# digit is an integer in [0, 255], which bfloat16 (8 significant bits) holds
-# exactly; a field is below 2**24. 15 columns: never vLLM's own 4 (Qwen2.5-VL)
-# or 5 (Qwen3-VL) position columns.
-FIELDS = 5
+# Six fields per row (slot, t, h, w, lead, extent), each as 3 base-256 digits:
+# every digit is an integer in [0, 255], which bfloat16 (8 significant bits)
+# holds exactly; a field is below 2**24. 18 columns: never vLLM's own 4
+# (Qwen2.5-VL) or 5 (Qwen3-VL) position columns.
+FIELDS = 6
 DIGITS = 3
 CHANNELS = FIELDS * DIGITS
 _PLACES = torch.tensor([256**2, 256, 1])
@@ -82,7 +82,11 @@ def unpruned_prompt(
 
 
 def row_channels(
-    slots: torch.Tensor, relative: torch.Tensor, lead: int, dtype: torch.dtype
+    slots: torch.Tensor,
+    relative: torch.Tensor,
+    lead: int,
+    dtype: torch.dtype,
+    extent: int | None = None,
 ) -> torch.Tensor:
     """``[n, CHANNELS]`` columns for ``n`` rows of one item.
 
@@ -91,13 +95,20 @@ def row_channels(
     past the token before the run). ``lead`` is the run's slot of the first
     media token in the prompt: 0 where the run is media tokens only (images,
     Qwen2.5-VL videos), the timestamp length + 1 for a Qwen3-VL video block,
-    whose run starts with its first frame's timestamp text.
+    whose run starts with its first frame's timestamp text. ``extent`` is
+    where the position after the unpruned run resumes, from the run's base
+    (an image: ``max(rows, cols)``); by default one past the largest of
+    ``relative``, right when the rows hold the run's last position.
     """
+    relative = relative.long().cpu()
+    if extent is None:
+        extent = int(relative.max()) + 1 if len(relative) else 0
     fields = torch.cat(
         [
             slots.view(-1, 1).long().cpu(),
-            relative.long().cpu(),
+            relative,
             torch.full((len(slots), 1), lead, dtype=torch.long),
+            torch.full((len(slots), 1), extent, dtype=torch.long),
         ],
         dim=1,
     )
@@ -112,7 +123,7 @@ def unchanged_channels(n: int, like: torch.Tensor) -> torch.Tensor:
 
 
 def read_channels(rows: torch.Tensor) -> torch.Tensor:
-    """``[n, FIELDS]`` (slot, t, h, w, lead) of rows with their channels;
+    """``[n, FIELDS]`` (slot, t, h, w, lead, extent) of rows with their channels;
     negative where the rows are unchanged."""
     digits = rows[:, -CHANNELS:].float().round().long().cpu()
     return (digits.view(-1, FIELDS, DIGITS) * _PLACES).sum(-1)
@@ -124,7 +135,7 @@ def place(
     embeddings: Sequence[torch.Tensor],
     num_computed_tokens: int,
     media_token_ids: Sequence[int],
-) -> tuple[list[torch.Tensor], torch.Tensor]:
+) -> tuple[list[torch.Tensor], torch.Tensor, int]:
     """Step 2, for the media rows of one request's prefill chunk.
 
     ``embeddings`` are the chunk's items in prompt order, as vLLM's model
@@ -135,23 +146,27 @@ def place(
     ``base + (t, h, w)``, ``base`` one past the position of the token before
     the run; rows marked unchanged are media tokens that keep their
     positions. Returns the embeddings without channels and the new
-    positions. Idempotent, and exact however the prompt is split in chunks:
-    it reads only positions that step 1 made exact, which it never changes.
+    positions, and ``end``: the position after the last placed run as it is
+    unpruned (``base + extent``; 0 where no run was placed), which decoding
+    follows when the prompt ends in that run. Idempotent, and exact however
+    the prompt is split in chunks: it reads only positions that step 1 made
+    exact, which it never changes.
     """
     stripped = [e[:, :-CHANNELS] for e in embeddings]
     if not embeddings:
-        return stripped, positions
+        return stripped, positions, 0
     # One copy to the host for the whole chunk, then split per item.
     columns = torch.cat([e[:, -CHANNELS:] for e in embeddings])
     fields = read_channels(columns).split([len(e) for e in embeddings])
     if not any(len(f) and int(f[0, 0]) >= 0 for f in fields):
-        return stripped, positions
+        return stripped, positions, 0
     # The V2 runner hands the prompt as a tensor on the model's device.
     ids = torch.as_tensor(input_ids, dtype=torch.long)
     wanted = torch.tensor(list(media_token_ids), device=ids.device)
     media = torch.isin(ids, wanted).nonzero().flatten().cpu()
     out = positions.clone()
     at = num_computed_tokens
+    end = 0
     for rows in fields:
         if not len(rows):
             continue
@@ -164,5 +179,6 @@ def place(
         slots = (start + rows[:, 0]).to(out.device)
         base = out[0, start - 1] + 1 if start > 0 else 0
         out[:, slots] = base + rows[:, 1:4].T.to(out.device)
+        end = max(end, int(base) + int(rows[0, 5]))
         at = int(slots[-1]) + 1
-    return stripped, out
+    return stripped, out, end

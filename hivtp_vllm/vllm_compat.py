@@ -225,9 +225,7 @@ def check_model_runner(vllm_config) -> str:
     runner the plugin has not checked (a platform plugin's, a new one)."""
     worker = _worker_name(vllm_config)
     if worker not in KNOWN_WORKERS:
-        known = ", ".join(
-            f"{w} ({', '.join(KNOWN_WORKERS[w])})" for w in KNOWN_WORKERS
-        )
+        known = ", ".join(f"{w} ({', '.join(KNOWN_WORKERS[w])})" for w in KNOWN_WORKERS)
         raise RuntimeError(
             _unsupported(
                 f"the worker {worker} runs a model runner whose M-RoPE pruning hook "

@@ -413,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     server.start()
     try:
         summary = soak(server, args.duration, args.clients, args.stock)
+        summary["server_log"] = server.log.name
     finally:
         server.stop()
     text = json.dumps(summary, indent=2)

@@ -85,15 +85,28 @@ def video_data_url(seed: int, frames: int = 4, size=(384, 384)) -> str:
 def chat_with_video(
     server, video: str, image: str | None, kwargs: dict | None
 ) -> requests.Response:
-    content = [{"type": "video_url", "video_url": {"url": video}}]
-    if image:
-        content.append({"type": "image_url", "image_url": {"url": image}})
-    content.append({"type": "text", "text": "What happens?"})
+    return media_chat(server, [image] if image else [], kwargs, video=video, text="What happens?")
+
+
+def media_chat(
+    server,
+    images: list[str],
+    kwargs: dict | None,
+    *,
+    video: str | None = None,
+    text: str = "What is in the picture?",
+    **extra: object,
+) -> requests.Response:
+    """A greedy chat request: the video (if any), the images, then the text."""
+    content = [{"type": "video_url", "video_url": {"url": video}}] if video else []
+    content += [{"type": "image_url", "image_url": {"url": url}} for url in images]
+    content.append({"type": "text", "text": text})
     body = {
         "model": server.model,
         "messages": [{"role": "user", "content": content}],
         "max_tokens": 6,
         "temperature": 0.0,
+        **extra,
     }
     if kwargs is not None:
         body["mm_processor_kwargs"] = kwargs

@@ -66,7 +66,9 @@ class Prompt:
             runs = []
         else:
             relative = torch.stack([0 * kept_t, kept_t // cols, kept_t % cols], 1)
-            channels = mrope.row_channels(torch.arange(len(kept_t)), relative, 0, torch.bfloat16)
+            channels = mrope.row_channels(
+                torch.arange(len(kept_t)), relative, 0, torch.bfloat16, max(rows, cols)
+            )
             runs = [(offset, len(kept_t), n, IMAGE)]
         self.items.append({"offset": offset, "rows": channels, "runs": runs})
         self.text(1)  # <|vision_end|>
@@ -132,9 +134,10 @@ def test_step_one_grows_the_prompt_back_and_reads_text_exactly():
             assert torch.equal(arrival[:, slot], reference[:, index]), slot
 
 
-@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 64, 10_000])
-def test_step_two_places_every_row_in_any_chunking(chunk):
-    prompt = build()
+def place_in_chunks(prompt: Prompt, chunk: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Step 1, then step 2 chunk by chunk as vLLM's runners call it: the
+    positions placed, the ones wanted, and the decoding start as V2 takes it
+    (the last call with rows: past the largest position or the runs' end)."""
     runs = [run for item in prompt.items for run in item["runs"]]
     tokens, where = mrope.unpruned_prompt(prompt.ids, runs)
     reference = full_positions(prompt.full, prompt.grids)
@@ -152,7 +155,7 @@ def test_step_two_places_every_row_in_any_chunking(chunk):
     for item in prompt.items:
         for k, index in enumerate(item.get("layout", [])):
             want[:, item["offset"] + k] = reference[:, index]
-
+    next_position = None
     for start in range(0, len(prompt.ids), chunk):
         end = min(start + chunk, len(prompt.ids))
         # As vLLM's runner gathers them: each item's rows inside the chunk.
@@ -161,23 +164,55 @@ def test_step_two_places_every_row_in_any_chunking(chunk):
             for offset, embeds in spans
             if offset < end and offset + len(embeds) > start
         ]
-        stripped, placed = mrope.place(prompt.ids, positions, gathered, start, media_ids())
+        stripped, placed, run_end = mrope.place(prompt.ids, positions, gathered, start, media_ids())
         assert [s.shape[1] for s in stripped] == [hidden] * len(gathered)
         assert torch.equal(placed[:, start:end], want[:, start:end]), (start, end)
-        again, twice = mrope.place(prompt.ids, placed, gathered, start, media_ids())
+        again, twice, _ = mrope.place(prompt.ids, placed, gathered, start, media_ids())
         assert torch.equal(twice, placed)
+        if gathered:
+            next_position = max(int(placed.max()) + 1, run_end)
         positions = placed
+    return positions, want, next_position
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 64, 10_000])
+def test_step_two_places_every_row_in_any_chunking(chunk):
+    prompt = build()
+    positions, want, next_position = place_in_chunks(prompt, chunk)
     assert torch.equal(positions, want)
+    assert next_position == int(full_positions(prompt.full, prompt.grids).max()) + 1
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5, 10_000])
+def test_a_prompt_ending_in_a_pruned_image_decodes_after_its_unpruned_end(chunk):
+    """A raw prompt whose last tokens are a pruned image's (no text after):
+    decoding starts after the unpruned image, not after its largest kept
+    token (V2 hands the hook a copy of the positions, so the end travels in
+    the rows' extent)."""
+    prompt = Prompt()
+    prompt.text(3)
+    prompt.image(3, 5, kept=[0, 6])  # neither the last row nor the last column
+    prompt.truth.pop()  # no <|vision_end|>: the prompt ends in the run
+    prompt.ids.pop()
+    prompt.full.pop()
+    positions, want, next_position = place_in_chunks(prompt, chunk)
+    assert torch.equal(positions, want)
+    unpruned_next = 3 + 1 + max(3, 5)  # text, <|vision_start|>, then the grid
+    assert int(positions.max()) + 1 < unpruned_next
+    assert next_position == unpruned_next
 
 
 def test_channels_are_exact_in_bfloat16_and_unchanged_rows_read_negative():
     slots = torch.tensor([0, 255, 256, 70_000])
     relative = torch.tensor([[0, 1, 2], [3, 257, 65_537], [9, 0, 16_777_215], [1, 2, 3]])
-    channels = mrope.row_channels(slots, relative, 7, torch.bfloat16)
+    channels = mrope.row_channels(slots, relative, 7, torch.bfloat16, 300_000)
     fields = mrope.read_channels(torch.cat([torch.zeros(4, 2, dtype=torch.bfloat16), channels], 1))
     assert fields.tolist() == [
-        [s, *r, 7] for s, r in zip(slots.tolist(), relative.tolist(), strict=True)
+        [s, *r, 7, 300_000] for s, r in zip(slots.tolist(), relative.tolist(), strict=True)
     ]
+    # Without an extent: one past the largest relative position given.
+    default = mrope.row_channels(slots[:1], relative[:1], 0, torch.bfloat16)
+    assert mrope.read_channels(default)[0, 5] == 3
     unchanged = mrope.unchanged_channels(2, torch.zeros(1, dtype=torch.bfloat16))
     assert (mrope.read_channels(unchanged) < 0).all()
     assert mrope.CHANNELS not in (4, 5)  # vLLM's own position columns

@@ -19,12 +19,14 @@ from __future__ import annotations
 import gc
 
 import pytest
+import requests
 import torch
 
 from hivtp_vllm import mrope
 from hivtp_vllm.pruning import num_retained
 from hivtp_vllm.tools.local_server import image_data_url, in_process_llm
 from tests.helpers import chat_with_video, noise, prompt_tokens, video_data_url
+from tests.runners import RUNNERS, assert_runs
 
 MAX_LEN = 4096
 RATE = 0.5  # vLLM's --video-pruning-rate
@@ -281,7 +283,8 @@ def test_positions_past_the_prompt_stay_inside_the_rotary_table(tiny_qwen, arch)
 
 
 @pytest.fixture(scope="module")
-def video_pruning_server(server_factory, tiny_qwen):
+def video_pruning_servers(server_factory, tiny_qwen):
+    """The plugin with vLLM's video pruning, on each model runner."""
     args = (
         "--max-model-len",
         str(MAX_LEN),
@@ -289,19 +292,27 @@ def video_pruning_server(server_factory, tiny_qwen):
         '{"image": 1, "video": 1}',
         "--video-pruning-rate",
         str(RATE),
+        "--trust-request-chat-template",  # RAW_TEMPLATE below
     )
-    server = server_factory(tiny_qwen, *args)
-    yield server
-    server.stop()
+    servers = {
+        runner: server_factory(tiny_qwen, *args, runner=runner, wait=False) for runner in RUNNERS
+    }
+    for runner, server in servers.items():
+        server.wait_ready()
+        assert_runs(server.log.name, runner)
+    yield servers
+    for server in servers.values():
+        server.stop()
 
 
 @pytest.mark.server
-def test_server_prunes_videos_by_vllm_and_images_by_hivtp(video_pruning_server, arch):
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_server_prunes_videos_by_vllm_and_images_by_hivtp(video_pruning_servers, arch, runner):
     """Counts as vLLM's video pruning sets them for the video, as the
     request's hivtp keys set them for the image; bad keys are still a 400."""
     from vllm.multimodal.video_prune.evs import compute_retained_tokens_count
 
-    server = video_pruning_server
+    server = video_pruning_servers[runner]
     video = video_data_url(92, FRAMES, FRAME_SIZE)
     image = image_data_url(93, *IMAGE_SIZE)
     frames = FRAMES // 2  # two frames a temporal patch
@@ -325,3 +336,72 @@ def test_server_prunes_videos_by_vllm_and_images_by_hivtp(video_pruning_server, 
         prompt_tokens(chat_with_video(server, video, None, {"hivtp_retain_ratio": 0.25})) == alone
     )
     assert prompt_tokens(chat_with_video(server, video, None, None)) == alone
+
+
+@pytest.mark.server
+def test_video_pruning_gives_the_same_answer_on_both_runners(video_pruning_servers):
+    """A pruned video next to a pruned image: the same prompt and greedy
+    tokens on V1 and V2 (positions placed by each runner's hook)."""
+    video = video_data_url(94, FRAMES, FRAME_SIZE)
+    image = image_data_url(95, *IMAGE_SIZE)
+    answers = {}
+    for runner, server in video_pruning_servers.items():
+        response = chat_with_video(server, video, image, {"hivtp_retain_ratio": 0.25})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        answers[runner] = (body["usage"], body["choices"][0]["message"]["content"])
+    assert answers["V1"] == answers["V2"]
+
+
+# A chat template that renders a prompt ending in an image's pads (no
+# <|vision_end|>, no generation prompt): a raw prompt, as a server takes one.
+RAW_TEMPLATE = (
+    "{%- for message in messages %}{%- for part in message['content'] %}"
+    "{%- if part['type'] == 'text' %}{{ part['text'] }}"
+    "{%- else %}<|vision_start|><|image_pad|>{%- endif %}"
+    "{%- endfor %}{%- endfor %}"
+)
+
+
+@pytest.mark.server
+def test_a_prompt_ending_in_a_pruned_image_decodes_alike_on_both_runners(video_pruning_servers):
+    """Decoding after a prompt whose last tokens are a pruned image's starts
+    after the unpruned image on V1 (test above, positions read in the model);
+    V2 hands the position hook a copy of the positions, and its offset comes
+    from the rows' extent: the same greedy tokens and logprobs on both."""
+    # Uniform selection keeps the middle token: never on the longer side's edge,
+    # so its position + 1 is short of where the unpruned image ends.
+    image = image_data_url(96, 20 * 32, 6 * 32)
+    answers = {}
+    for runner, server in video_pruning_servers.items():
+        body = {
+            "model": server.model,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "Look:"},
+                        {"type": "image_url", "image_url": {"url": image}},
+                    ],
+                }
+            ],
+            "chat_template": RAW_TEMPLATE,
+            "add_generation_prompt": False,
+            "mm_processor_kwargs": {"hivtp_num_tokens": 1, "hivtp_selection": "uniform"},
+            "max_tokens": 8,
+            "temperature": 0.0,
+            "logprobs": True,
+        }
+        response = requests.post(server.url + "/v1/chat/completions", json=body, timeout=300)
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        steps = answer["choices"][0]["logprobs"]["content"]
+        answers[runner] = (
+            answer["usage"]["prompt_tokens"],
+            [step["token"] for step in steps],
+            [step["logprob"] for step in steps],
+        )
+    (v1_tokens, v1_text, v1_logprobs), (v2_tokens, v2_text, v2_logprobs) = answers.values()
+    assert v1_tokens == v2_tokens
+    assert v1_text == v2_text
+    assert v1_logprobs == pytest.approx(v2_logprobs, abs=1e-4)

@@ -143,40 +143,109 @@ def test_videos_are_left_as_vllm_lays_them_out(processor, merged):
     assert pruned["mm_placeholders"]["image"][0].length == num_retained(merged(448, 336), 0.25)
 
 
-def test_runners_let_these_models_recompute_positions():
-    """The model-runner wrap (vllm_compat) is in place on this vLLM, and the
-    flag it sets is the one the runner reads before calling the hook."""
+def test_both_runners_reach_the_position_hook_through_one_gate():
+    """On this vLLM build, V1 and V2 call the model's
+    ``recompute_mrope_positions`` when the served config's
+    ``is_multimodal_pruning_enabled()`` is true: the one gate the plugin's
+    models open (vllm_compat.open_mrope_pruning_hook). V1 keeps the tensor
+    ``get_mrope_input_positions`` returned and hands it back at every step
+    (the decoding offset rides on it, models/qwen.with_delta)."""
     import inspect
 
-    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    from vllm.v1.worker.gpu.model_states import mm_pruning
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from hivtp_vllm.vllm_compat import _wrap_load_model
-
-    hivtp_vllm.register()
-    for runner in (GPUModelRunner, CPUModelRunner):
-        assert runner.__dict__["load_model"].hivtp_original is not None
+    v1_load = inspect.getsource(GPUModelRunner.load_model)
+    assert "mm_config.is_multimodal_pruning_enabled()" in v1_load
+    assert "supports_multimodal_pruning(self.get_model())" in v1_load
     gather = inspect.getsource(GPUModelRunner._gather_mm_embeddings)
     assert "self.is_multimodal_pruning_enabled and self.uses_mrope" in gather
     assert "self.model.recompute_mrope_positions(" in gather
-    # The decoding offset rides on the positions tensor (models/qwen.with_delta):
-    # the runner keeps the tensor it was given and hands that object back.
     assert "mrope_positions=req_state.mrope_positions," in gather
     assert "req_state.mrope_positions.copy_(new_mrope_positions)" in gather
     init = inspect.getsource(GPUModelRunner._init_mrope_positions)
     assert "req_state.mrope_positions, req_state.mrope_position_delta = (" in init
+    v2_gate = inspect.getsource(mm_pruning.maybe_create_mm_pruner)
+    assert "multimodal_config.is_multimodal_pruning_enabled()" in v2_gate
+    assert "supports_multimodal_pruning(model)" in v2_gate
+    v2_hook = inspect.getsource(mm_pruning.MultiModalPruner.recompute)
+    assert "self.model.recompute_mrope_positions(" in v2_hook
+    # Every runner the start-up check knows exists on this build.
+    import importlib
 
-    class Runner:
-        is_multimodal_pruning_enabled = False
+    from hivtp_vllm.vllm_compat import KNOWN_WORKERS
 
-        def __init__(self, model):
-            self.model = model
+    for runners in KNOWN_WORKERS.values():
+        for target in runners.values():
+            module_name, class_name = target.split(":")
+            assert hasattr(importlib.import_module(module_name), class_name), target
 
-        def get_model(self):
-            return self.model
+
+def _config(worker: str):
+    from types import SimpleNamespace
+
+    from vllm.config.multimodal import MultiModalConfig
+
+    return SimpleNamespace(
+        parallel_config=SimpleNamespace(worker_cls=worker),
+        model_config=SimpleNamespace(multimodal_config=MultiModalConfig()),
+        use_v2_model_runner=True,
+    )
+
+
+def test_the_gate_opens_for_the_served_config_only_and_refuses_unknown_workers():
+    import pickle
+
+    from vllm.config.multimodal import MultiModalConfig
+
+    from hivtp_vllm import vllm_compat
+
+    config = _config("vllm.v1.worker.gpu_worker.Worker")
+    vllm_compat.open_mrope_pruning_hook(config)
+    mm = config.model_config.multimodal_config
+    assert mm.is_multimodal_pruning_enabled()
+    # vLLM's own video pruning stays off: processors read the spec.
+    assert mm.get_video_pruning_spec() is None
+    assert not vllm_compat.video_pruning_on(config)
+    assert not MultiModalConfig().is_multimodal_pruning_enabled()  # the class untouched
+    assert pickle.loads(pickle.dumps(mm)).is_multimodal_pruning_enabled()
+    with pytest.raises(RuntimeError) as refused:
+        vllm_compat.open_mrope_pruning_hook(_config("vllm.v1.worker.xpu_worker.XPUWorker"))
+    message = str(refused.value)
+    assert "vllm.v1.worker.xpu_worker.XPUWorker" in message
+    assert "vllm.v1.worker.gpu_worker.Worker (V1, V2)" in message
+
+
+def test_cpu_v1_runner_sets_the_gate_as_the_gpu_runner_does():
+    """The CPU build's V1 runner replaces load_model without vLLM's gate;
+    the wrap (vllm_compat.let_cpu_v1_runner_recompute_mrope) sets it with
+    vLLM's own condition."""
+    from types import SimpleNamespace
+
+    from hivtp_vllm.vllm_compat import _wrap_load_model
+
+    try:
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    except ImportError:
+        CPUModelRunner = None
+    hivtp_vllm.register()
+    if CPUModelRunner is not None:
+        assert CPUModelRunner.__dict__["load_model"].hivtp_original is not None
+
+    class Pruning:
+        supports_multimodal_pruning = True
 
     load = _wrap_load_model(lambda self: None)
-    for declared in (True, False):
-        runner = Runner(type("Model", (), {"hivtp_recomputes_mrope": declared})())
+    for model, opened, expected in (
+        (Pruning(), True, True),
+        (Pruning(), False, False),
+        (object(), True, False),
+    ):
+        config = _config("vllm.v1.worker.cpu_worker.CPUWorker")
+        if opened:
+            from hivtp_vllm import vllm_compat
+
+            vllm_compat.open_mrope_pruning_hook(config)
+        runner = SimpleNamespace(model_config=config.model_config, get_model=lambda m=model: m)
         load(runner)
-        assert runner.is_multimodal_pruning_enabled is declared
+        assert runner.is_multimodal_pruning_enabled is expected

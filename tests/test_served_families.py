@@ -28,11 +28,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import requests
 from PIL import Image
 
 from tests.count_contract import EXTREME_SIZES, FAMILIES, reference_tokens, reference_views
-from tests.helpers import video_data_url
+from tests.helpers import media_chat, video_data_url
 from tests.runners import RUNNERS, assert_runs
 
 pytestmark = pytest.mark.server
@@ -111,7 +110,7 @@ def servers(request, server_factory, tmp_path_factory):
     }
     for (runner, _), server in started.items():
         server.wait_ready()
-        assert_runs(server, runner)
+        assert_runs(server.log.name, runner)
     yield family, started
     for server in started.values():
         server.stop()
@@ -206,24 +205,15 @@ LOGPROB_TOLERANCE = 1e-4  # float32 through two runners' batching and kernels
 
 def ask(server, sizes, kwargs, video: bool) -> dict:
     """One greedy chat request: prompt tokens, token ids, their logprobs."""
-    content: list[dict] = []
-    if video:
-        url = video_data_url(7, frames=4, size=(112, 112))
-        content.append({"type": "video_url", "video_url": {"url": url}})
-    for i, (width, height) in enumerate(sizes):
-        content.append({"type": "image_url", "image_url": {"url": picture(width, height, i)}})
-    content.append({"type": "text", "text": "What is in the picture?"})
-    body = {
-        "model": server.model,
-        "messages": [{"role": "user", "content": content}],
-        "max_tokens": 6,
-        "temperature": 0.0,
-        "logprobs": True,
-        "return_tokens_as_token_ids": True,
-    }
-    if kwargs is not None:
-        body["mm_processor_kwargs"] = kwargs
-    response = requests.post(server.url + "/v1/chat/completions", json=body, timeout=300)
+    images = [picture(width, height, i) for i, (width, height) in enumerate(sizes)]
+    response = media_chat(
+        server,
+        images,
+        kwargs,
+        video=video_data_url(7, frames=4, size=(112, 112)) if video else None,
+        logprobs=True,
+        return_tokens_as_token_ids=True,
+    )
     assert response.status_code == 200, response.text
     answer = response.json()
     steps = answer["choices"][0]["logprobs"]["content"]

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.runners import RUNNERS, assert_runs, runner_env
+
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.server
 
 
-def test_short_soak_passes_every_check(tiny_llava, tmp_path):
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_short_soak_passes_every_check(tiny_llava, tmp_path, runner):
+    """The same shape mix on vLLM's V1 and V2 model runners."""
     summary_file = tmp_path / "soak.json"
     cmd = [
         sys.executable,
@@ -22,8 +27,10 @@ def test_short_soak_passes_every_check(tiny_llava, tmp_path):
         f"--model={tiny_llava}",
         f"--json={summary_file}",
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    env = {**os.environ, **runner_env(runner)}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False, env=env)
     summary = json.loads(summary_file.read_text())
+    assert_runs(summary["server_log"], runner)
     assert done.returncode == 0, json.dumps(summary["checks"]) + str(summary["failures"])
     assert all(summary["checks"].values())
     counts = summary["counts"]

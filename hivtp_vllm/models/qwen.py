@@ -230,11 +230,11 @@ class HivtpQwenModelMixin(HivtpSelectMixin):
             device,
         )
         out = [unchanged(e) for e in embeds]
-        for row, indices, (_, cols) in zip(scores, kept, grids, strict=True):
+        for row, indices, (rows, cols) in zip(scores, kept, grids, strict=True):
             indices = indices.to(device)
             grid = torch.stack([torch.zeros_like(indices), indices // cols, indices % cols], 1)
             slots = torch.arange(len(indices))
-            channels = mrope.row_channels(slots, grid, 0, embeds[row].dtype)
+            channels = mrope.row_channels(slots, grid, 0, embeds[row].dtype, max(rows, cols))
             out[row] = with_channels(embeds[row][indices], channels)
         return out
 
@@ -316,15 +316,19 @@ class HivtpQwenModelMixin(HivtpSelectMixin):
         if input_ids is None:  # a prompt given as embeddings: no image placeholders
             embeds = [e[:, : -mrope.CHANNELS] for e in multimodal_embeddings]
             length = mrope_positions.shape[-1]
-            return embeds, mrope_positions, arrival_delta(mrope_positions, length)
-        embeds, positions = mrope.place(
+            return (
+                embeds,
+                mrope_positions,
+                decode_delta(mrope_positions, mrope_positions, 0, length),
+            )
+        embeds, positions, end = mrope.place(
             input_ids,
             mrope_positions,
             list(multimodal_embeddings),
             num_computed_tokens,
             (config.image_token_id, config.video_token_id),
         )
-        return embeds, positions, arrival_delta(mrope_positions, len(input_ids))
+        return embeds, positions, decode_delta(mrope_positions, positions, end, len(input_ids))
 
     def get_encoder_cudagraph_config(self):
         # Graph replay bypasses embed_multimodal (no selection, no position
@@ -343,20 +347,30 @@ def with_delta(positions: torch.Tensor, delta: int) -> torch.Tensor:
     largest position of a prompt that ends in a pruned run (a raw prompt
     ending in image pads) is that of the largest kept token, smaller than the
     unpruned one, so recomputing the offset from the positions would move
-    decoding. vLLM's model runner (0.32, 0.33) keeps the tensor returned
+    decoding. vLLM's V1 model runner (0.32, 0.33) keeps the tensor returned
     here as the request's positions, writes into it in place, and hands the
     same object to ``recompute_mrope_positions`` at every step (decode steps
-    included), so an attribute on it travels with the request.
+    included, with no rows), so an attribute on it travels with the request.
+    V2 copies the positions (:func:`decode_delta` covers it).
     """
     positions.hivtp_delta = delta  # type: ignore[attr-defined]
     return positions
 
 
-def arrival_delta(positions: torch.Tensor, prompt_length: int) -> int:
-    """The offset :func:`with_delta` stored; else (a runner that copies the
-    positions) from the largest position, as vLLM's own pruning does."""
-    delta = getattr(positions, "hivtp_delta", None)
-    return int(positions.max()) + 1 - prompt_length if delta is None else delta
+def decode_delta(given: torch.Tensor, placed: torch.Tensor, end: int, prompt_length: int) -> int:
+    """The decoding offset to hand back to the runner.
+
+    V1: the one :func:`with_delta` stored on the tensor it keeps. V2 (vLLM
+    0.32, 0.33: ``MultiModalPruner.recompute``) hands a copy and calls the
+    hook only for a prefill chunk that holds media rows, last for the chunk
+    with the prompt's last media rows: the offset is then one past the
+    largest exact position, or past the unpruned end of the runs placed in
+    this chunk (``end``, from the rows' extent) where the prompt ends in one.
+    """
+    delta = getattr(given, "hivtp_delta", None)
+    if delta is not None:
+        return delta
+    return max(int(placed.max()) + 1, end) - prompt_length
 
 
 def with_channels(embeds: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:

@@ -102,5 +102,7 @@ class HivtpQwen2_5_VLForConditionalGeneration(
             )
             relative = torch.stack(grid, dim=-1).view(-1, 3)[keep.cpu()]
             slots = torch.arange(len(relative))
-            out.append(with_channels(emb[keep], mrope.row_channels(slots, relative, 0, emb.dtype)))
+            extent = max(int(frames[-1]), h // merge - 1, w // merge - 1) + 1  # the unpruned run's
+            channels = mrope.row_channels(slots, relative, 0, emb.dtype, extent)
+            out.append(with_channels(emb[keep], channels))
         return out
