@@ -221,8 +221,9 @@ def _worker_name(vllm_config) -> str:
 
 
 def check_model_runner(vllm_config) -> str:
-    """The runner's name; refuse, at model construction, a worker whose
-    runner the plugin has not checked (a platform plugin's, a new one)."""
+    """The runner's name; refuse, when a plugin's model is built, a worker
+    whose runners the plugin has not checked (a platform plugin's, a new
+    one): its position hook and embedding path are unknown."""
     worker = _worker_name(vllm_config)
     if worker not in KNOWN_WORKERS:
         known = ", ".join(f"{w} ({', '.join(KNOWN_WORKERS[w])})" for w in KNOWN_WORKERS)
@@ -256,7 +257,6 @@ def open_mrope_pruning_hook(vllm_config) -> None:
     :func:`video_pruning_on` as its own flag. Processors read
     ``get_video_pruning_spec()``, which is unchanged.
     """
-    check_model_runner(vllm_config)
     config = vllm_config.model_config.multimodal_config
     config.is_multimodal_pruning_enabled = _pruning_hook_open
 

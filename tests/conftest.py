@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from hivtp_vllm.tools.local_server import VllmServer
-from tests.runners import runner_env
+from tests.runners import RUNNERS, assert_runs, runner_env
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -68,3 +69,47 @@ def tiny_qwen(tmp_path_factory: pytest.TempPathFactory, qwen_arch: str) -> Path:
     out = tmp_path_factory.mktemp(qwen_arch) / f"tiny-{qwen_arch}"
     make_checkpoint(out, size="tiny", arch=qwen_arch)
     return out
+
+
+@dataclass
+class Served:
+    """One family's random checkpoint, served four ways: the plugin and stock
+    vLLM (plugin not loaded) on each model runner (tests/runners.py)."""
+
+    family: object  # tests.count_contract.Family
+    checkpoint: Path
+    servers: dict[tuple[str, bool], VllmServer]
+
+    def pair(self, runner: str = "V1") -> tuple[VllmServer, VllmServer]:
+        """(plugin, stock) on ``runner``."""
+        return self.servers[(runner, True)], self.servers[(runner, False)]
+
+
+@pytest.fixture(scope="session")
+def family_servers(request, server_factory, tmp_path_factory) -> Served:
+    """A family's four servers, started side by side. Parametrize indirectly
+    with a name of tests/count_contract.FAMILIES
+    (``@pytest.mark.parametrize("family_servers", ["llava-next"], indirect=True)``):
+    pytest then runs every test of every module that asks for one family
+    together, on one set of servers, and stops it before the next family's."""
+    from hivtp_vllm.tools.checkpoints import make_checkpoint
+    from tests.count_contract import FAMILIES
+
+    family = FAMILIES[request.param]
+    ckpt = make_checkpoint(
+        tmp_path_factory.mktemp(f"served-{family.arch}") / "tiny", arch=family.arch
+    )
+    args = ("--max-model-len", str(family.max_model_len))
+    if family.videos:
+        args += ("--limit-mm-per-prompt", '{"image": 2, "video": 1}')
+    servers = {
+        (runner, plugin): server_factory(ckpt, *args, plugin=plugin, runner=runner, wait=False)
+        for runner in RUNNERS
+        for plugin in (True, False)
+    }
+    for (runner, _), server in servers.items():
+        server.wait_ready()
+        assert_runs(server.log.name, runner)
+    yield Served(family, ckpt, servers)
+    for server in servers.values():
+        server.stop()

@@ -78,6 +78,7 @@ class Family:
     # Qwen-VL: images are resized to multiples of ``unit`` px within these
     # pixel bounds (the test checkpoint's), one token per unit x unit block.
     pixel_bounds: tuple[int, int] | None = None
+    videos: bool = False  # the family takes videos too
     unit: int = 28
 
     @property
@@ -182,6 +183,7 @@ FAMILIES = {
         side=27,
         max_views=9,
         max_model_len=16384,
+        videos=True,
     ),
     # Pixel bounds: the tiny checkpoints' preprocessor_config.json.
     "qwen2.5-vl": Family(
@@ -189,6 +191,7 @@ FAMILIES = {
         "qwen2.5-vl",
         functools.partial(emit_qwen, "qwen2.5-vl"),
         pixel_bounds=(3136, 1_003_520),
+        videos=True,
     ),
     "qwen3-vl": Family(
         "Qwen3-VL",
@@ -196,6 +199,7 @@ FAMILIES = {
         functools.partial(emit_qwen, "qwen3-vl"),
         pixel_bounds=(65536, 1_310_720),
         unit=32,
+        videos=True,
     ),
 }
 

@@ -170,15 +170,17 @@ def test_kept_embeddings_and_newlines(next_llm, tiny_next):
 # -- server -----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def next_servers(server_factory, tiny_next):
-    return (
-        server_factory(tiny_next),
-        server_factory(tiny_next, plugin=False),
-    )
+# The family's servers, shared with tests/test_served_families.py (conftest).
+SERVED = pytest.mark.parametrize("family_servers", ["llava-next"], indirect=True)
+
+
+@pytest.fixture
+def next_servers(family_servers):
+    return family_servers.pair("V1")
 
 
 @pytest.mark.server
+@SERVED
 def test_served_counts_by_aspect_ratio(next_servers):
     ours, stock = next_servers
     for seed, (w, h) in enumerate(SIZES):
@@ -191,6 +193,7 @@ def test_served_counts_by_aspect_ratio(next_servers):
 
 
 @pytest.mark.server
+@SERVED
 def test_served_full_ratio_matches_stock(next_servers):
     ours, stock = next_servers
     image = [image_data_url(200, 1000, 400)]
@@ -202,6 +205,7 @@ def test_served_full_ratio_matches_stock(next_servers):
 
 
 @pytest.mark.server
+@SERVED
 def test_served_concurrent_mixed(next_servers):
     ours, stock = next_servers
     jobs = []
@@ -223,6 +227,7 @@ def test_served_concurrent_mixed(next_servers):
 
 
 @pytest.mark.server
+@SERVED
 def test_served_two_images_of_different_shapes(next_servers):
     ours, stock = next_servers
     sizes = [(1000, 400), (300, 1200)]
@@ -235,6 +240,7 @@ def test_served_two_images_of_different_shapes(next_servers):
 
 
 @pytest.mark.server
+@SERVED
 def test_views_with_no_tokens_are_served(next_servers):
     """Issue 10: a 900 x 2 image has no high-res rows, a 2 x 900 one no columns.
     Stock vLLM serves both; so must the plugin, unpruned and pruned, and the

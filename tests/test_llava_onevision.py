@@ -191,17 +191,17 @@ def test_scores_kept_embeddings_and_newlines(ov_llm, tiny_ov, pinpoints):
 # -- server -----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ov_servers(server_factory, tiny_ov):
-    args = ("--max-model-len", str(MAX_LEN))
-    ours = server_factory(tiny_ov, *args)
-    stock = server_factory(tiny_ov, *args, plugin=False)
-    yield ours, stock
-    ours.stop()
-    stock.stop()
+# The family's servers, shared with tests/test_served_families.py (conftest).
+SERVED = pytest.mark.parametrize("family_servers", ["llava-onevision"], indirect=True)
+
+
+@pytest.fixture
+def ov_servers(family_servers):
+    return family_servers.pair("V1")
 
 
 @pytest.mark.server
+@SERVED
 def test_served_counts_by_aspect_ratio(ov_servers, pinpoints):
     ours, stock = ov_servers
     for seed, size in enumerate(SIZES):
@@ -220,6 +220,7 @@ def test_served_counts_by_aspect_ratio(ov_servers, pinpoints):
 
 
 @pytest.mark.server
+@SERVED
 def test_served_full_ratio_matches_stock(ov_servers):
     ours, stock = ov_servers
     image = [image_data_url(200, 2000, 1500)]
@@ -231,6 +232,7 @@ def test_served_full_ratio_matches_stock(ov_servers):
 
 
 @pytest.mark.server
+@SERVED
 def test_served_concurrent_mixed(ov_servers, pinpoints):
     ours, stock = ov_servers
     jobs = []
@@ -252,6 +254,7 @@ def test_served_concurrent_mixed(ov_servers, pinpoints):
 
 
 @pytest.mark.server
+@SERVED
 def test_bad_input_is_a_400(ov_servers):
     ours, _ = ov_servers
     image = [image_data_url(400, 384, 384)]  # base 729 + 27 x 27 + 27 newlines
@@ -268,6 +271,7 @@ def test_bad_input_is_a_400(ov_servers):
 
 
 @pytest.mark.server
+@SERVED
 def test_videos_are_served_as_stock(ov_servers, pinpoints):
     """hivtp keys apply to images only: a video's tokens and answer are stock's,
     alone or next to a pruned image."""
@@ -288,6 +292,7 @@ def test_videos_are_served_as_stock(ov_servers, pinpoints):
 
 
 @pytest.mark.server
+@SERVED
 def test_metrics_count_onevision_images_and_tokens(ov_servers, pinpoints):
     from hivtp_vllm.tools.local_server import metric
 

@@ -193,7 +193,7 @@ def _config(worker: str):
     )
 
 
-def test_the_gate_opens_for_the_served_config_only_and_refuses_unknown_workers():
+def test_the_gate_opens_for_the_served_config_only_and_unknown_workers_are_refused():
     import pickle
 
     from vllm.config.multimodal import MultiModalConfig
@@ -209,8 +209,9 @@ def test_the_gate_opens_for_the_served_config_only_and_refuses_unknown_workers()
     assert not vllm_compat.video_pruning_on(config)
     assert not MultiModalConfig().is_multimodal_pruning_enabled()  # the class untouched
     assert pickle.loads(pickle.dumps(mm)).is_multimodal_pruning_enabled()
+    assert vllm_compat.check_model_runner(config) == "V2"
     with pytest.raises(RuntimeError) as refused:
-        vllm_compat.open_mrope_pruning_hook(_config("vllm.v1.worker.xpu_worker.XPUWorker"))
+        vllm_compat.check_model_runner(_config("vllm.v1.worker.xpu_worker.XPUWorker"))
     message = str(refused.value)
     assert "vllm.v1.worker.xpu_worker.XPUWorker" in message
     assert "vllm.v1.worker.gpu_worker.Worker (V1, V2)" in message

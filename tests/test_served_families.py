@@ -32,12 +32,12 @@ from PIL import Image
 
 from tests.count_contract import EXTREME_SIZES, FAMILIES, reference_tokens, reference_views
 from tests.helpers import media_chat, video_data_url
-from tests.runners import RUNNERS, assert_runs
+from tests.runners import RUNNERS
 
-pytestmark = pytest.mark.server
-
-# Families that take videos (a video request is among those compared across runners).
-VIDEO_ARCHS = ("llava-onevision", "qwen2.5-vl", "qwen3-vl")
+pytestmark = [
+    pytest.mark.server,
+    pytest.mark.parametrize("family_servers", list(FAMILIES), indirect=True),
+]
 
 # The property tests' extreme shapes (less the one at the pixel limit: a
 # 179-megapixel PNG is slow to make and send) and a few more.
@@ -91,31 +91,6 @@ def picture(width: int, height: int, seed: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def servers(request, server_factory, tmp_path_factory):
-    """``(family, {(runner, plugin): server})``: four servers, started side by side."""
-    from hivtp_vllm.tools.checkpoints import make_checkpoint
-
-    family = FAMILIES[request.param]
-    ckpt = make_checkpoint(
-        tmp_path_factory.mktemp(f"served-{family.arch}") / "tiny", arch=family.arch
-    )
-    args = ("--max-model-len", str(family.max_model_len))
-    if family.arch in VIDEO_ARCHS:
-        args += ("--limit-mm-per-prompt", '{"image": 2, "video": 1}')
-    started = {
-        (runner, plugin): server_factory(ckpt, *args, plugin=plugin, runner=runner, wait=False)
-        for runner in RUNNERS
-        for plugin in (True, False)
-    }
-    for (runner, _), server in started.items():
-        server.wait_ready()
-        assert_runs(server.log.name, runner)
-    yield family, started
-    for server in started.values():
-        server.stop()
-
-
 def status_and_tokens(response) -> tuple[int, int | None, dict]:
     body = response.json()
     tokens = body["usage"]["prompt_tokens"] if response.status_code == 200 else None
@@ -123,9 +98,9 @@ def status_and_tokens(response) -> tuple[int, int | None, dict]:
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
-def test_fuzz_shapes_and_options(servers, runner):
-    family, started = servers
-    ours, stock = started[(runner, True)], started[(runner, False)]
+def test_fuzz_shapes_and_options(family_servers, runner):
+    family = family_servers.family
+    ours, stock = family_servers.pair(runner)
     rng = random.Random(10)
     shapes = SHAPES + random_shapes(11, 20)
     images = {shape: picture(*shape, seed=i) for i, shape in enumerate(shapes)}
@@ -225,11 +200,11 @@ def ask(server, sizes, kwargs, video: bool) -> dict:
 
 
 def compared(family) -> list[tuple]:
-    return [c for c in COMPARED if not c[3] or family.arch in VIDEO_ARCHS]
+    return [c for c in COMPARED if not c[3] or family.videos]
 
 
-def test_runners_agree_and_full_ratio_is_stock(servers):
-    family, started = servers
+def test_runners_agree_and_full_ratio_is_stock(family_servers):
+    family, started = family_servers.family, family_servers.servers
     answers = {
         runner: {name: ask(started[(runner, True)], *rest) for name, *rest in compared(family)}
         for runner in RUNNERS

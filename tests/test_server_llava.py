@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -15,13 +16,18 @@ IMAGES = [image_data_url(seed) for seed in range(3)]
 
 
 @pytest.fixture(scope="module")
-def plugin_server(server_factory, tiny_llava):
-    return server_factory(tiny_llava)
+def plugin_server(shared_plugin_server):
+    return shared_plugin_server  # the plugin with vLLM's defaults
 
 
-@pytest.fixture(scope="module")
-def stock_server(server_factory, tiny_llava):
-    return server_factory(tiny_llava, plugin=False)
+# Stock vLLM on the family's checkpoint, shared with tests/test_served_families.py
+# (conftest): the same tiny LLaVA-1.5 as tiny_llava.
+SERVED = pytest.mark.parametrize("family_servers", ["llava"], indirect=True)
+
+
+@pytest.fixture
+def stock_server(family_servers):
+    return family_servers.servers[("V1", False)]
 
 
 def ok(response) -> dict:
@@ -34,6 +40,7 @@ def prompt_tokens(response) -> int:
 
 
 @pytest.mark.parametrize("num_images", [1, 2])
+@SERVED
 def test_prompt_tokens_shrink_exactly(plugin_server, stock_server, num_images):
     images = IMAGES[:num_images]
     full = prompt_tokens(stock_server.chat(images))
@@ -49,6 +56,7 @@ def test_prompt_tokens_shrink_exactly(plugin_server, stock_server, num_images):
         assert got == full - num_images * (GRID - kept), name
 
 
+@SERVED
 def test_no_ratio_and_full_ratio_match_stock_vllm(plugin_server, stock_server):
     for images in (IMAGES[:1], IMAGES[1:3]):
         stock = ok(stock_server.chat(images, max_tokens=16))
@@ -81,6 +89,7 @@ def test_cache_never_serves_another_ratio(plugin_server):
     assert sizes[1.0] - sizes[0.25] == GRID - 144
 
 
+@SERVED
 def test_concurrent_mixed_ratios(plugin_server, stock_server):
     full_one = prompt_tokens(stock_server.chat(IMAGES[:1], max_tokens=1))
     full_two = prompt_tokens(stock_server.chat(IMAGES[:2], max_tokens=1))
@@ -158,6 +167,7 @@ def test_nan_json_literal_is_rejected(plugin_server):
     assert "hivtp_retain_ratio" in response.text
 
 
+@SERVED
 def test_other_mm_kwargs_stay_rejected_like_stock(plugin_server, stock_server):
     for server in (plugin_server, stock_server):
         for kwargs in ({"do_resize": False}, {"do_resize": False, "hivtp_retain_ratio": 0.5}):
@@ -179,6 +189,7 @@ def test_completions_api_accepts_hivtp_keys(plugin_server):
     assert other.status_code == 400 and other.json()["error"]["param"] == "mm_processor_kwargs"
 
 
+@SERVED
 def test_server_default_ratio_and_request_override(server_factory, tiny_llava, stock_server):
     server = server_factory(tiny_llava, "--mm-processor-kwargs", '{"hivtp_retain_ratio": 0.5}')
     full = prompt_tokens(stock_server.chat(IMAGES[:1]))
@@ -191,6 +202,7 @@ def test_server_default_ratio_and_request_override(server_factory, tiny_llava, s
     server.stop()
 
 
+@SERVED
 def test_streamed_timing_reports_the_pruned_prompt(plugin_server, stock_server):
     full = prompt_tokens(stock_server.chat(IMAGES[:1]))
     timed = plugin_server.timed_stream(IMAGES[:1], {"hivtp_retain_ratio": 0.25}, max_tokens=3)
@@ -237,6 +249,7 @@ def test_hivtp_keys_on_an_architecture_not_pruned_are_a_400(server_factory, tmp_
     server.stop()
 
 
+@SERVED
 def test_uniform_baseline_served_exactly(plugin_server, stock_server):
     """hivtp_selection = uniform: the same K, a different selection, its own
     cache entries, and a 400 for a bad value."""
@@ -258,3 +271,17 @@ def test_uniform_baseline_served_exactly(plugin_server, stock_server):
     bad = plugin_server.chat(image, {"hivtp_selection": "random"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "hivtp_selection"
     assert "'hivtp', 'uniform'" in bad.json()["error"]["message"]
+
+
+def test_a_worker_the_plugin_has_not_checked_is_refused_at_start(tiny_llava):
+    """A platform's own worker (here a stand-in named by ``--worker-cls``)
+    runs a model runner whose internals the plugin has not checked: the
+    server does not start, and says which workers the plugin knows."""
+    from hivtp_vllm.tools.local_server import VllmServer
+
+    server = VllmServer(tiny_llava, ["--worker-cls", "tests.unknown_worker.UnknownWorker"])
+    with pytest.raises(RuntimeError, match="exited early"):
+        server.start(timeout=240)
+    message = Path(server.log.name).read_text()
+    assert "the worker tests.unknown_worker.UnknownWorker runs a model runner" in message
+    assert "vllm.v1.worker.cpu_worker.CPUWorker (V1, V2)" in message

@@ -44,8 +44,11 @@ class HivtpSelectMixin:
     timer behind the metrics, and the timed selection."""
 
     def _hivtp_options(self, vllm_config) -> None:
-        """Read the server options; make the timer that feeds the metrics."""
-        from hivtp_vllm import metrics
+        """Read the server options; make the timer that feeds the metrics;
+        refuse a model runner the plugin has not checked."""
+        from hivtp_vllm import metrics, vllm_compat
+
+        logger.info("hivtp: vLLM model runner %s", vllm_compat.check_model_runner(vllm_config))
 
         mm_config = vllm_config.model_config.multimodal_config
         histogram = metrics.pruning_histogram(vllm_config.model_config.served_model_name)
