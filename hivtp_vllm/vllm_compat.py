@@ -15,7 +15,11 @@ Every vLLM internal the plugin relies on, and how each supported release was
 checked, is listed in docs/vllm-internals.md.
 
 Also here: :func:`let_vllm_limit_image_size`, so an image too large to decode
-gets vLLM's own 400 rather than a 500 (see there).
+gets vLLM's own 400 rather than a 500 (see there); the switch that makes both
+of vLLM's model runners (V1 and V2) call the Qwen-VL models' position hook
+(:func:`open_mrope_pruning_hook`, and :func:`let_cpu_v1_runner_recompute_mrope`
+for the CPU build's V1 runner); and the start-up check of the runner
+(:func:`check_model_runner`).
 """
 
 from __future__ import annotations

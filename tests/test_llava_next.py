@@ -22,6 +22,7 @@ from hivtp_vllm.pruning import num_retained, select_tokens, split_budget
 from hivtp_vllm.tools.local_server import image_data_url, in_process_llm
 from tests.helpers import anyres_index, noise, process_one, prompt_tokens, stock_and_pruned
 from tests.reference_scores import transformers_scores
+from tests.runners import RUNNERS
 
 SIZES = [(336, 336), (672, 336), (1000, 400), (300, 1200), (200, 150)]  # (width, height)
 BASE = 576
@@ -174,9 +175,10 @@ def test_kept_embeddings_and_newlines(next_llm, tiny_next):
 SERVED = pytest.mark.parametrize("family_servers", ["llava-next"], indirect=True)
 
 
-@pytest.fixture
-def next_servers(family_servers):
-    return family_servers.pair("V1")
+@pytest.fixture(params=RUNNERS)
+def next_servers(request, family_servers):
+    """(plugin, stock) on each model runner."""
+    return family_servers.pair(request.param)
 
 
 @pytest.mark.server

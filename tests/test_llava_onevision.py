@@ -32,6 +32,7 @@ from tests.helpers import (
     video_data_url,
 )
 from tests.reference_scores import transformers_scores
+from tests.runners import RUNNERS
 
 BASE = 729  # 27 x 27 SigLIP patches at 384 px
 SIDE = 27
@@ -195,9 +196,10 @@ def test_scores_kept_embeddings_and_newlines(ov_llm, tiny_ov, pinpoints):
 SERVED = pytest.mark.parametrize("family_servers", ["llava-onevision"], indirect=True)
 
 
-@pytest.fixture
-def ov_servers(family_servers):
-    return family_servers.pair("V1")
+@pytest.fixture(params=RUNNERS)
+def ov_servers(request, family_servers):
+    """(plugin, stock) on each model runner."""
+    return family_servers.pair(request.param)
 
 
 @pytest.mark.server

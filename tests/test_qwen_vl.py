@@ -21,6 +21,7 @@ from hivtp_vllm.pruning import (
 from hivtp_vllm.tools.local_server import image_data_url, in_process_llm
 from tests.helpers import chat_with_video, noise, prompt_tokens, video_data_url
 from tests.reference_scores import qwen_transformers_scores
+from tests.runners import RUNNERS
 
 MAX_LEN = 4096
 # Pixels per merged token side: patch 14 (Qwen2.5-VL) or 16 (Qwen3-VL) x merge 2.
@@ -306,9 +307,10 @@ def test_conflicting_server_options_are_refused_at_start(tiny_qwen, option, says
 SERVED = pytest.mark.parametrize("family_servers", ["qwen2.5-vl", "qwen3-vl"], indirect=True)
 
 
-@pytest.fixture
-def qwen_servers(family_servers):
-    return family_servers.pair("V1")
+@pytest.fixture(params=RUNNERS)
+def qwen_servers(request, family_servers):
+    """(plugin, stock) on each model runner."""
+    return family_servers.pair(request.param)
 
 
 @pytest.fixture

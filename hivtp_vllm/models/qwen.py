@@ -18,9 +18,10 @@ What differs from LLaVA (spec section 5):
   the same way: grown back at arrival, their kept tokens placed after the
   tower (the family says how: :meth:`hivtp_video_runs`,
   :meth:`hivtp_pruned_videos`).
-  vLLM's model runner calls that hook only when its own video pruning is on;
-  :func:`hivtp_vllm.vllm_compat.let_models_recompute_mrope` turns it on for
-  these models.
+  vLLM's model runners (V1 and V2) call that hook only when the served
+  config says its model prunes, which vLLM says only for its own video
+  pruning; :func:`hivtp_vllm.vllm_compat.open_mrope_pruning_hook` makes it
+  say so for these models (docs/algorithm.md, "Qwen2.5-VL and Qwen3-VL").
 
 A family gives the tower's band modules and how its sequence order maps to
 raster order (Qwen2.5-VL permutes patches by window).
@@ -45,7 +46,8 @@ MERGE_UNIT = 4  # patches per merged token (2 x 2)
 # Positions the language model's rotary table holds, per max_position_embeddings.
 # Pruning keeps the positions of the tokens it drops, so a prompt's positions
 # run past its length; vLLM sizes the table 4x for Qwen2.5-VL always and for
-# Qwen3-VL when its own video pruning is on, for the same reason.
+# Qwen3-VL when the config says its model prunes (vLLM's video pruning, or
+# this plugin: vllm_compat.open_mrope_pruning_hook), for the same reason.
 POSITIONS_FACTOR = 4
 
 
