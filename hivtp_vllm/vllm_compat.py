@@ -285,10 +285,12 @@ def let_cpu_v1_runner_recompute_mrope() -> None:
     every runner. Retire when ``CPUModelRunner.load_model`` sets the flag.
     Idempotent.
     """
-    try:
-        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
-    except ImportError:  # a GPU build
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():  # no CPU runner to serve: nothing to import
         return
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
     original = CPUModelRunner.__dict__.get("load_model")
     if original is None or getattr(original, "hivtp_original", None) is not None:
         return
