@@ -1,7 +1,7 @@
 """LLaVA-1.5 with HIVTP: single-request TTFT by ratio, and the pruning overhead.
 
     .venv/bin/python benchmarks/llava_bench.py            # ~10 minutes on 2 cores
-    .venv/bin/python benchmarks/llava_bench.py --arch qwen2.5-vl   # (also llava-next, -onevision)
+    .venv/bin/python benchmarks/llava_bench.py --arch qwen2.5-vl   # any family with a bench row
 
 1. TTFT. One vLLM server with the plugin serves the ``bench`` checkpoint
    (its language model costs >10x its vision tower per image, as in
@@ -14,6 +14,11 @@
    Measured on the bench tower at batch 1 and 16, and on a full-size CLIP-L
    tower (24 layers, 1024 wide, random weights; the one LLaVA-1.5-7B uses) at
    batch 1 and 4.
+
+What differs per family is its row in hivtp_vllm/families.py: ``Family.bench``
+(images, views, the bench model's sizes; ``--arch`` offers the rows that have
+one), ``Family.layout`` (which probe times its tower) and ``Bench.full_tower``
+(which full-size tower, of :data:`FULL_TOWERS`, its section adds).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,57 +35,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import machine, median, write_section  # noqa: E402
+from hivtp_vllm.families import FAMILIES, Bench, Family, Layout  # noqa: E402
 from hivtp_vllm.tools.local_server import VllmServer, image_data_url, in_process_llm  # noqa: E402
 
 RATIOS = (1.0, 0.5, 0.25)
-
-
-@dataclass(frozen=True)
-class Arch:
-    """What the benchmark varies per LLaVA family."""
-
-    title: str
-    section: str
-    image: tuple[int, int]  # (width, height) of the TTFT requests' images
-    tiles: int  # tower inputs per image at that size
-    views: tuple[tuple[int, int], ...]  # grids selected per image
-    model: str = "CLIP 12 layers x 128, Llama 8 layers x 768, 336 px tiles"
-    max_model_len: int = 4096
-    # The bench LM's KV cache per token, float32, with room to spare.
-    kv_per_token: int = 8 * 2 * 768 * 4 * 2
-    tower: str = "bench (12 x 128)"  # the bench tower, for the overhead table
-    batches: tuple[int, ...] = (1, 16)  # images per tower call in the overhead probe
-
-
-ARCHS = {
-    "llava": Arch("LLaVA-1.5", "llava-1.5-single", (336, 336), 1, ((24, 24),)),
-    # 672 x 672: the largest llava-v1.6 layout, 576 + 48 x 48 + 48 = 2928 tokens.
-    "llava-next": Arch("LLaVA-NeXT", "llava-next-single", (672, 672), 5, ((24, 24), (48, 48))),
-    # 1152 x 1152: 3 x 3 tiles of 384 px, 729 + 81 x 81 + 81 = 7371 tokens
-    # (just under anyres_max_9's shrink).
-    "llava-onevision": Arch(
-        "LLaVA-OneVision",
-        "llava-onevision-single",
-        (1152, 1152),
-        10,
-        ((27, 27), (81, 81)),
-        model="SigLIP 12 layers x 128, Qwen2 8 layers x 768, 384 px tiles",
-        max_model_len=16384,
-    ),
-    # 1024 x 1024: resized to 1036 x 1036, 74 x 74 patches, 37 x 37 = 1369 tokens.
-    "qwen2.5-vl": Arch(
-        "Qwen2.5-VL",
-        "qwen2.5-vl-single",
-        (1024, 1024),
-        1,
-        ((37, 37),),
-        model="the published tower's layout scaled down, Qwen2 10 layers x 1024",
-        max_model_len=8192,
-        kv_per_token=10 * 2 * 1024 * 4 * 2,
-        tower="bench (8 x 64, full attention in 2)",
-        batches=(1, 4),
-    ),
-}
 
 
 def ensure_model(path: Path, size: str, arch: str = "llava") -> Path:
@@ -121,10 +80,10 @@ def qwen_7b_tower(models: Path) -> Path:
     return out
 
 
-def measure_ttft(model: Path, requests: int, arch: Arch) -> dict:
+def measure_ttft(model: Path, requests: int, bench: Bench) -> dict:
     # A KV cache that holds a whole max-length prompt of the bench LM.
-    image, max_len = arch.image, arch.max_model_len
-    kv = max(1 << 29, max_len * arch.kv_per_token)
+    image, max_len = bench.image, bench.max_model_len
+    kv = max(1 << 29, max_len * bench.kv_per_token)
     options = ["--max-num-seqs", "16", "--max-model-len", str(max_len)]
     server = VllmServer(model, [*options, "--kv-cache-memory-bytes", str(kv)])
     print(f"[ttft] starting server on {server.url} ...", flush=True)
@@ -193,10 +152,10 @@ def interleaved(reps: int, tower, recorded, select) -> dict:
     }
 
 
-def overhead_probe(batches: tuple[int, ...], reps: int, arch: Arch):
+def overhead_probe(batches: tuple[int, ...], reps: int, bench: Bench):
     """Runs inside the engine: times plain tower, recorded tower, selection.
 
-    ``batch`` counts images; each has ``arch.tiles`` tower inputs and its
+    ``batch`` counts images; each has ``bench.tiles`` tower inputs and its
     views are selected at r = 0.25, as the model would.
     """
 
@@ -210,8 +169,8 @@ def overhead_probe(batches: tuple[int, ...], reps: int, arch: Arch):
         rec = model.hivtp_recorder
         results = {}
         for batch in batches:
-            pv = torch.randn(batch * arch.tiles, 3, size, size).to(model.vision_tower.dtype)
-            views = [torch.rand(h, w) for h, w in arch.views] * batch
+            pv = torch.randn(batch * bench.tiles, 3, size, size).to(model.vision_tower.dtype)
+            views = [torch.rand(h, w) for h, w in bench.views] * batch
             budgets = [num_retained(v.numel(), 0.25) for v in views]
 
             def tower(pv=pv):
@@ -233,10 +192,10 @@ def overhead_probe(batches: tuple[int, ...], reps: int, arch: Arch):
     return probe
 
 
-def qwen_overhead_probe(batches: tuple[int, ...], reps: int, arch: Arch):
-    """As :func:`overhead_probe`, for Qwen-VL's packed tower: ``batch``
-    images of ``arch.image`` in one tower call, each scored over its own
-    segment and selected on its merged grid at r = 0.25."""
+def merged_overhead_probe(batches: tuple[int, ...], reps: int, bench: Bench):
+    """As :func:`overhead_probe`, for the "merged" layout's packed tower
+    (Qwen-VL): ``batch`` images of ``bench.image`` in one tower call, each
+    scored over its own segment and selected on its merged grid at r = 0.25."""
 
     def probe(model):
         import torch
@@ -244,7 +203,7 @@ def qwen_overhead_probe(batches: tuple[int, ...], reps: int, arch: Arch):
         from hivtp_vllm.models.common import select_views
         from hivtp_vllm.pruning import num_retained
 
-        (rows, cols) = arch.views[0]
+        (rows, cols) = bench.views[0]
         vision = model.config.vision_config
         per_patch = 3 * vision.temporal_patch_size * vision.patch_size**2
         rec = model.hivtp_recorder
@@ -274,15 +233,27 @@ def qwen_overhead_probe(batches: tuple[int, ...], reps: int, arch: Arch):
     return probe
 
 
+# The probe that times a layout's tower: one call per tower input for the LLaVA
+# layouts, one packed call with per-image segments for the merged one.
+PROBES: dict[Layout, Callable[[tuple[int, ...], int, Bench], Callable]] = {
+    "single": overhead_probe,
+    "anyres": overhead_probe,
+    "merged": merged_overhead_probe,
+}
+
+
 def measure_overhead(
-    model: Path, batches: tuple[int, ...], reps: int, arch: Arch, **llm_kwargs
+    model: Path, batches: tuple[int, ...], reps: int, family: Family, **llm_kwargs
 ) -> dict:
-    llm_kwargs.setdefault("max_model_len", arch.max_model_len)
-    kv = max(1 << 28, arch.max_model_len * arch.kv_per_token)
+    """The overhead probe of ``family``'s layout, on ``model``, with its bench sizes."""
+    bench = family.bench
+    assert bench is not None, f"{family.name} has no bench row"
+    llm_kwargs.setdefault("max_model_len", bench.max_model_len)
+    kv = max(1 << 28, bench.max_model_len * bench.kv_per_token)
     llm_kwargs.setdefault("kv_cache_memory_bytes", kv)
-    probe = qwen_overhead_probe if arch.title.startswith("Qwen") else overhead_probe
+    probe = PROBES[family.layout]
     with in_process_llm(model, **llm_kwargs) as llm:
-        (result,) = llm.apply_model(probe(batches, reps, arch))
+        (result,) = llm.apply_model(probe(batches, reps, bench))
     return result
 
 
@@ -325,51 +296,103 @@ QWEN_READING_NO_7B = QWEN_READING[:4] + [
     "attention layer nearest the middle). The full-size tower was not run",
     "(`--skip-clip-l`).",
 ]
+SEE_LLAVA = ["", "(For the full-size CLIP-L tower see LLaVA-1.5's section.)"]
 
 
-def main() -> int:
+@dataclass(frozen=True)
+class FullTower:
+    """A published model's full-size tower, timed beside the bench tower: the
+    bench checkpoints keep the LM/vision cost split, not the tower's own
+    attention-to-linear ratio, so the overhead to expect at full size needs
+    the real shapes. A family's ``Bench.full_tower`` names one."""
+
+    name: str  # in the progress line
+    row: str  # the overhead table's tower column
+    family: str  # the family whose layout and bench images probe it
+    checkpoint: Callable[[Path], Path]  # makes it (once) under --models
+    batches: tuple[int, ...]
+    reps: int
+    reading: list[str]  # the section's closing paragraph when it ran
+    skipped: list[str]  # ... when --skip-clip-l left it out
+    load_format: str | None = None  # vLLM's, for a config-only checkpoint
+    max_model_len: int = 2048
+
+
+FULL_TOWERS: dict[str, FullTower] = {
+    # CLIP-L costs seconds per image on 2 CPU cores: 1 and 4 tower inputs.
+    "clip-l": FullTower(
+        name="CLIP-L",
+        row="CLIP-L (24 x 1024, runs 23)",
+        family="llava",
+        checkpoint=lambda models: ensure_model(models / "clip-l-probe", "clip-l", "llava"),
+        batches=(1, 4),
+        reps=3,
+        reading=READING,
+        skipped=SEE_LLAVA,
+    ),
+    # About a minute a tower pass on 2 CPU cores: one image, 3 rounds.
+    "qwen2.5-vl-7b": FullTower(
+        name="Qwen2.5-VL-7B",
+        row="Qwen2.5-VL-7B (32 x 1280, full attention in 4, scores 7)",
+        family="qwen2.5-vl",
+        checkpoint=qwen_7b_tower,
+        batches=(1,),
+        reps=3,
+        reading=QWEN_READING,
+        skipped=QWEN_READING_NO_7B,
+        load_format="dummy",
+    ),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    benched = [name for name, family in FAMILIES.items() if family.bench]
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--arch", choices=list(ARCHS), default="llava")
+    parser.add_argument("--arch", choices=benched, default="llava")
     parser.add_argument("--requests", type=int, default=12, help="requests per ratio")
     parser.add_argument("--reps", type=int, default=7, help="overhead repetitions")
     parser.add_argument("--models", type=Path, default=ROOT / ".cache" / "models")
     parser.add_argument(
-        "--skip-clip-l", action="store_true", help="no full-size tower run (CLIP-L, Qwen2.5-VL-7B)"
+        "--skip-clip-l",
+        action="store_true",
+        help=f"no full-size tower run ({', '.join(t.name for t in FULL_TOWERS.values())})",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    arch = ARCHS[args.arch]
+    family = FAMILIES[args.arch]
+    arch = family.bench
+    assert arch is not None  # --arch offers only the rows with one
+    full = FULL_TOWERS[arch.full_tower] if arch.full_tower else None
     command = f".venv/bin/python benchmarks/llava_bench.py --arch {args.arch}"
 
     bench = ensure_model(args.models / f"bench-{args.arch}", "bench", args.arch)
     ttft = measure_ttft(bench, args.requests, arch)
     base = ttft[1.0]["ttft"]
     print("[overhead] bench tower ...", flush=True)
-    over_bench = measure_overhead(bench, arch.batches, args.reps, arch)
-    over_clip = {}
-    if not args.skip_clip_l and args.arch.startswith("llava"):
-        print("[overhead] CLIP-L tower ...", flush=True)
-        clip_l = ensure_model(args.models / "clip-l-probe", "clip-l")
-        # CLIP-L costs seconds per image on 2 CPU cores: 1 and 4 tower inputs.
-        over_clip = measure_overhead(clip_l, (1, 4), 3, ARCHS["llava"], max_model_len=2048)
-    over_7b = {}
-    if not args.skip_clip_l and args.arch == "qwen2.5-vl":
-        print("[overhead] Qwen2.5-VL-7B tower ...", flush=True)
-        # About a minute a tower pass on 2 CPU cores: one image, 3 rounds.
-        over_7b = measure_overhead(
-            qwen_7b_tower(args.models), (1,), 3, arch, load_format="dummy", max_model_len=2048
+    over_bench = measure_overhead(bench, arch.batches, args.reps, family)
+    over_full: dict = {}
+    if full and not args.skip_clip_l:
+        print(f"[overhead] {full.name} tower ...", flush=True)
+        extra = {"load_format": full.load_format} if full.load_format else {}
+        over_full = measure_overhead(
+            full.checkpoint(args.models),
+            full.batches,
+            full.reps,
+            FAMILIES[full.family],
+            **extra,
+            max_model_len=full.max_model_len,
         )
 
     from hivtp_vllm.pruning import num_retained
 
     width, height = arch.image
     lines = [
-        f"## {arch.title}: single-request TTFT and pruning overhead",
+        f"## {family.title}: single-request TTFT and pruning overhead",
         "",
         f"Command: `{command}` (script: `benchmarks/llava_bench.py`).",
         f"Machine: {machine()}; vLLM CPU build, float32, `--enforce-eager`.",
         "",
-        f"Model: random-weight `bench` {arch.title} (`make-model --size bench --arch "
+        f"Model: random-weight `bench` {family.title} (`make-model --size bench --arch "
         f"{args.arch}`: {arch.model}).",
         f"Images {width} x {height}: views {' + '.join(f'{h} x {w}' for h, w in arch.views)}"
         + (" plus one newline per high-res row." if len(arch.views) > 1 else "."),
@@ -398,17 +421,13 @@ def main() -> int:
         "(recorded - plain + select) | overhead (hooks + select) |",
         "|---|---|---|---|---|---|---|",
         *overhead_rows(arch.tower, over_bench),
-        *overhead_rows("CLIP-L (24 x 1024, runs 23)", over_clip),
-        *overhead_rows("Qwen2.5-VL-7B (32 x 1280, full attention in 4, scores 7)", over_7b),
+        *(overhead_rows(full.row, over_full) if full else []),
     ]
-    see_llava = ["", "(For the full-size CLIP-L tower see LLaVA-1.5's section.)"]
-    if over_clip:
-        lines += READING
-    elif args.arch == "qwen2.5-vl":
-        lines += QWEN_READING if over_7b else QWEN_READING_NO_7B
+    if full is None:  # no full-size tower of its own: LLaVA-1.5's section has CLIP-L's
+        lines += SEE_LLAVA
     else:
-        lines += see_llava
-    write_section(arch.section, "\n".join(lines))
+        lines += full.reading if over_full else full.skipped
+    write_section(f"{family.slug}-single", "\n".join(lines))
     print("\n".join(lines))
     return 0
 

@@ -38,16 +38,77 @@ CACHE_TYPE = ["--mm-processor-cache-type", "shm"]
 
 
 def _chooses(rest: list[str], option: str) -> bool:
-    return any(arg == option or arg.startswith(option + "=") for arg in rest)
+    return any(arg.startswith("--") and _option_name(arg) == option for arg in rest)
+
+
+# vLLM's own option, and the spellings its parser accepts for it (0.32, 0.33:
+# ``FlexibleArgumentParser`` turns underscores into dashes in option names,
+# takes ``--opt=VALUE``, and merges dotted ``--opt.key VALUE`` into one JSON).
+MM_KWARGS = "--mm-processor-kwargs"
+
+
+def _option_name(arg: str) -> str:
+    """``--mm_processor_kwargs.key=1`` -> ``--mm-processor-kwargs.key``."""
+    name = arg.split("=", 1)[0]
+    head, dot, tail = name.partition(".")
+    return head.replace("_", "-") + dot + tail
+
+
+def _json_value(text: str, where: str) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}: not valid JSON ({exc.msg}): {text!r}") from None
+
+
+def split_mm_kwargs(rest: list[str]) -> tuple[dict[str, object], list[str]]:
+    """(the processor options every spelling of ``--mm-processor-kwargs`` in
+    ``rest`` gives, merged in the order given; the other arguments).
+
+    Spellings: ``--mm-processor-kwargs JSON``, ``--mm-processor-kwargs=JSON``,
+    the same with underscores, and vLLM's dotted ``--mm-processor-kwargs.KEY
+    VALUE`` / ``=VALUE`` (VALUE read as JSON where it parses, as vLLM does).
+    Merged rather than the last one kept: the plugin then hands vLLM one
+    option holding everything the command line asked for.
+    """
+    options: dict[str, object] = {}
+    others: list[str] = []
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        name = _option_name(arg) if arg.startswith("--") else ""
+        if name != MM_KWARGS and not name.startswith(MM_KWARGS + "."):
+            others.append(arg)
+            i += 1
+            continue
+        if "=" in arg:
+            value, i = arg.split("=", 1)[1], i + 1
+        elif i + 1 < len(rest):
+            value, i = rest[i + 1], i + 2
+        else:
+            raise ValueError(f"{arg}: expects a value")
+        if name == MM_KWARGS:
+            given = _json_value(value, arg)
+            if not isinstance(given, dict):
+                raise ValueError(f"{arg}: expects a JSON object, got {value!r}")
+            options.update(given)
+        else:
+            try:
+                options[name.split(".", 1)[1]] = json.loads(value)
+            except json.JSONDecodeError:
+                options[name.split(".", 1)[1]] = value
+    return options, others
 
 
 def serve_command(model: str, ratio: float | None, num_tokens: int | None, rest: list[str]):
-    """The vLLM command line that ``serve`` runs (also used by the Dockerfile test)."""
-    options: dict[str, object] = {}
-    if "--mm-processor-kwargs" in rest:
-        i = rest.index("--mm-processor-kwargs")
-        options = json.loads(rest[i + 1])
-        rest = rest[:i] + rest[i + 2 :]
+    """The vLLM command line that ``serve`` runs (also used by the Dockerfile test).
+
+    The processor options of every ``--mm-processor-kwargs`` spelling
+    (:func:`split_mm_kwargs`) and ``--retain-ratio`` / ``--num-tokens``
+    (which win) go to vLLM as one ``--mm-processor-kwargs``, validated here:
+    a bad hivtp option fails before vLLM starts, naming the key.
+    """
+    options, rest = split_mm_kwargs(rest)
     if ratio is not None:
         options[params.RATIO] = ratio
     if num_tokens is not None:
@@ -55,7 +116,7 @@ def serve_command(model: str, ratio: float | None, num_tokens: int | None, rest:
     params.parse_server(options)  # fail here, with the key, not in a worker
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
     if options:
-        cmd += ["--mm-processor-kwargs", json.dumps(options)]
+        cmd += [MM_KWARGS, json.dumps(options)]
     if not _chooses(rest, CACHE_TYPE[0]):
         cmd += CACHE_TYPE
     return cmd + rest

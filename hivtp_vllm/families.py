@@ -16,7 +16,7 @@ command line, the tools and the plugin's start-up read it for free.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 # How an image becomes the views HIVTP selects on (docs/algorithm.md):
@@ -29,22 +29,146 @@ from typing import Literal
 Layout = Literal["single", "anyres", "merged"]
 
 
+# LLaVA-1.5's prompt format ("USER: <image>\n... ASSISTANT:"), which the
+# LLaVA families' test checkpoints share. It loops over message['content'],
+# which is what makes vLLM detect the "openai" content format and pass parts
+# as {"type": "image"} / {"type": "text"}; plain string content (vLLM's
+# "string" format, with "<image>" already in the text) works too. "image_url"
+# is accepted for callers that render raw OpenAI messages.
+LLAVA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] in ['image', 'image_url'] %}{{ '<image>\n' }}"
+    "{% elif part['type'] in ['video', 'video_url'] %}{{ '<video>\n' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ ' ' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+# Qwen2.5-VL-*-Instruct's chat_template (verbatim): a default system prompt,
+# <|vision_start|><|image_pad|><|vision_end|> per image, <|video_pad|> per video.
+QWEN2_5_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Qwen3-VL-*-Instruct's chat_template without the tool-calling branches: no
+# default system prompt; images and videos rendered exactly as the original.
+QWEN3_VL_CHAT_TEMPLATE = (
+    "{%- set image_count = namespace(value=0) %}{%- set video_count = namespace(value=0) %}"
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}"
+    "{%- else %}{%- for content in message['content'] %}"
+    "{%- if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{%- set image_count.value = image_count.value + 1 %}"
+    "{%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{%- elif content['type'] == 'video' or 'video' in content %}"
+    "{%- set video_count.value = video_count.value + 1 %}"
+    "{%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{%- elif 'text' in content %}{{- content['text'] }}"
+    "{%- endif %}{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """How ``make-model`` builds a random-weight checkpoint of the family with
-    the real transformers classes and hub layout (class names in
-    ``transformers``; the builder in :mod:`hivtp_vllm.tools.checkpoints`)."""
+    the real transformers classes and hub layout, and which vision tower
+    ``explain`` scores with.
+
+    Classes are transformers names: the package's top level (``"LlavaConfig"``)
+    or ``"module:Class"`` for what it does not export. Everything a family's
+    recipe differs in is a field here, so the builder
+    (:mod:`hivtp_vllm.tools.checkpoints`) and the tower scorers
+    (:mod:`hivtp_vllm.tools.tower`) branch on ``Family.layout`` only: a family
+    of an existing layout is a row, not an edit of the tools. Fields a layout
+    does not read keep their defaults ("single"/"anyres": tiles of a
+    CLIP/SigLIP tower and a separate LM config; "merged": a Qwen-VL packed
+    tower with M-RoPE).
+    """
 
     config: str
     model: str
     processor: str
     image_processor: str | None = None
     video_processor: str | None = None
+    # The vision model explain builds from ``config.vision_config`` to score on.
+    tower: str = "CLIPVisionModel"
     patch_size: int = 14
-    image_size: int = 336  # px of one view (a tile); LLaVA families only
+    chat_template: str = LLAVA_CHAT_TEMPLATE
+    max_position_embeddings: int = 4096  # the LM's, as published
+
+    # -- "single" / "anyres": a CLIP or SigLIP tower over fixed-size tiles --
+    image_size: int = 336  # px of one view (a tile), make-model's default
     # anyres grids in units of tiles (rows, cols), scaled by the tile size.
     grid_tiles: tuple[tuple[int, int], ...] = ()
-    siglip: bool = False  # a SigLIP tower (no CLS, every position a patch)
+    vision_config: str = "CLIPVisionConfig"
+    text_config: str = "LlamaConfig"
+    # vision_feature_layer / vision_feature_select_strategy: CLIP's second to
+    # last layer with CLS dropped ("default"), SigLIP's last with every
+    # position a patch ("full").
+    feature_layer: int = -2
+    feature_strategy: str = "default"
+
+    # -- "merged": a packed native-resolution tower (Qwen-VL) --
+    # Published preprocessor_config.json / video_preprocessor_config.json:
+    # size = {shortest_edge: min_pixels, longest_edge: max_pixels}.
+    image_pixels: tuple[int, int] | None = None
+    video_pixels: tuple[int, int] | None = None
+    # make-model's "tiny" max_pixels (image, video), lower than published so
+    # that vLLM's encoder profiling stays short on a CPU.
+    tiny_max_pixels: tuple[int, int] | None = None
+    image_mean: tuple[float, float, float] | None = None
+    image_std: tuple[float, float, float] | None = None
+    rope_theta: float | None = None
+    mrope_section: tuple[int, int, int] | None = None  # for head_dim 128, scaled
+    mrope_interleaved: bool = False
+    # The tower's MLP is gate/up/down (SwiGLU, 3 matrices), not fc1/fc2: FLOPs.
+    gated_vision_mlp: bool = False
+    # vision_config per make-model size (shapes, and the layers with a role:
+    # full attention, DeepStack), then entries every size shares; entries of
+    # text_config beside the size's shapes.
+    vision_sizes: dict[str, dict[str, object]] = field(default_factory=dict, hash=False)
+    vision_extra: dict[str, object] = field(default_factory=dict, hash=False)
+    text_extra: dict[str, object] = field(default_factory=dict, hash=False)
+
+    @staticmethod
+    def resolve(name: str) -> type:
+        """The class a field names, imported only now (this module stays free
+        of transformers): ``module:Class``, else transformers' top level."""
+        import importlib
+
+        module, _, attr = name.rpartition(":")
+        return getattr(importlib.import_module(module or "transformers"), attr)
 
 
 @dataclass(frozen=True)
@@ -73,6 +197,10 @@ class Bench:
     kv_per_token: int = 8 * 2 * 768 * 4 * 2
     tower: str = "bench (12 x 128)"  # the bench tower, for the overhead table
     batches: tuple[int, ...] = (1, 16)  # images per tower call in the overhead probe
+    # The full-size tower whose overhead the section adds beside the bench
+    # tower's, a key of the benchmark's FULL_TOWERS ("clip-l": LLaVA-1.5-7B's,
+    # "qwen2.5-vl-7b"); None: none, the section points to LLaVA-1.5's CLIP-L rows.
+    full_tower: str | None = None
 
 
 @dataclass(frozen=True)
@@ -147,7 +275,7 @@ _ROWS = (
                 "measured here only for the bench model.",
             ),
         ),
-        bench=Bench(image=(336, 336), tiles=1, views=((24, 24),)),
+        bench=Bench(image=(336, 336), tiles=1, views=((24, 24),), full_tower="clip-l"),
     ),
     Family(
         name="llava-next",
@@ -175,7 +303,7 @@ _ROWS = (
             "nothing.",
         ),
         # 672 x 672: the largest llava-v1.6 layout, 576 + 48 x 48 + 48 = 2928 tokens.
-        bench=Bench(image=(672, 672), tiles=5, views=((24, 24), (48, 48))),
+        bench=Bench(image=(672, 672), tiles=5, views=((24, 24), (48, 48)), full_tower="clip-l"),
     ),
     Family(
         name="llava-onevision",
@@ -193,10 +321,17 @@ _ROWS = (
             processor="LlavaOnevisionProcessor",
             image_processor="LlavaOnevisionImageProcessor",
             video_processor="LlavaOnevisionVideoProcessor",
+            # A SigLIP tower (no CLS, every position a patch, the last layer's
+            # features) and a Qwen2 language model.
+            tower="SiglipVisionModel",
+            vision_config="SiglipVisionConfig",
+            text_config="Qwen2Config",
+            feature_layer=-1,
+            feature_strategy="full",
+            max_position_embeddings=32768,
             image_size=384,
             # llava-onevision-qwen2-*-ov-hf: every grid of 1..6 x 1..6 tiles of 384 px.
             grid_tiles=tuple((r, c) for r in range(1, 7) for c in range(1, 7)),
-            siglip=True,
         ),
         load=Load(
             image_sizes="768x768",
@@ -220,6 +355,7 @@ _ROWS = (
             views=((27, 27), (81, 81)),
             model="SigLIP 12 layers x 128, Qwen2 8 layers x 768, 384 px tiles",
             max_model_len=16384,
+            full_tower="clip-l",  # LLaVA-1.5-7B's CLIP-L; no full-size SigLIP run
         ),
     ),
     Family(
@@ -236,7 +372,39 @@ _ROWS = (
             processor="Qwen2_5_VLProcessor",
             image_processor="Qwen2VLImageProcessor",
             video_processor="Qwen2VLVideoProcessor",
+            tower="Qwen2_5_VisionTransformerPretrainedModel",
             patch_size=14,
+            chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
+            max_position_embeddings=128000,
+            # Qwen/Qwen2.5-VL-7B-Instruct: min_pixels 3136, max_pixels 12845056
+            # for images; no video_preprocessor_config.json, so transformers
+            # builds the video processor from the same file (same bounds).
+            image_pixels=(3136, 12845056),
+            video_pixels=(3136, 12845056),
+            # 1280 merged tokens an image, 768 a frame pair (the bound is per frame).
+            tiny_max_pixels=(1280 * 28 * 28, 768 * 28 * 28),
+            image_mean=OPENAI_CLIP_MEAN,
+            image_std=OPENAI_CLIP_STD,
+            rope_theta=1000000.0,
+            mrope_section=(16, 24, 24),
+            gated_vision_mlp=True,
+            # Full attention every 4th layer, as the 7B's 7, 15, 23, 31 of 32.
+            vision_sizes={
+                size: {
+                    "hidden_size": 64,
+                    "intermediate_size": 176,
+                    "num_heads": heads,
+                    "depth": 8,
+                    "fullatt_block_indexes": [3, 7],
+                }
+                for size, heads in (("tiny", 4), ("bench", 2))
+            },
+            vision_extra={"hidden_act": "silu", "window_size": 112, "tokens_per_second": 2},
+            text_extra={
+                "use_sliding_window": False,
+                "sliding_window": 32768,
+                "max_window_layers": 28,
+            },
         ),
         load=Load(**_QWEN_LOAD),
         # 1024 x 1024: resized to 1036 x 1036, 74 x 74 patches, 37 x 37 = 1369 tokens.
@@ -249,6 +417,7 @@ _ROWS = (
             kv_per_token=10 * 2 * 1024 * 4 * 2,
             tower="bench (8 x 64, full attention in 2)",
             batches=(1, 4),
+            full_tower="qwen2.5-vl-7b",
         ),
     ),
     Family(
@@ -265,7 +434,35 @@ _ROWS = (
             processor="Qwen3VLProcessor",
             image_processor="Qwen2VLImageProcessor",
             video_processor="Qwen3VLVideoProcessor",
+            tower="Qwen3VLVisionModel",
             patch_size=16,
+            chat_template=QWEN3_VL_CHAT_TEMPLATE,
+            max_position_embeddings=262144,
+            # Qwen/Qwen3-VL-8B-Instruct: images 65536..16777216 px; videos
+            # 4096..25165824 px in total over the sampled frames.
+            image_pixels=(65536, 16777216),
+            video_pixels=(4096, 25165824),
+            # 1280 merged tokens an image, 768 a frame pair (the bound is the
+            # total over the frames, t * h * w).
+            tiny_max_pixels=(1280 * 32 * 32, 2 * 768 * 32 * 32),
+            image_mean=(0.5, 0.5, 0.5),
+            image_std=(0.5, 0.5, 0.5),
+            rope_theta=5000000.0,
+            mrope_section=(24, 20, 20),
+            mrope_interleaved=True,
+            # DeepStack features from three early and middle layers, as the
+            # 8B's 8, 16, 24 of 27.
+            vision_sizes={
+                size: {
+                    "hidden_size": 64,
+                    "intermediate_size": 256,
+                    "num_heads": heads,
+                    "depth": 8,
+                    "deepstack_visual_indexes": [1, 3, 5],
+                }
+                for size, heads in (("tiny", 4), ("bench", 2))
+            },
+            vision_extra={"hidden_act": "gelu_pytorch_tanh", "num_position_embeddings": 2304},
         ),
         load=Load(**_QWEN_LOAD),
     ),

@@ -1,4 +1,4 @@
-"""M-RoPE positions of pruned Qwen-VL prompts (spec section 5), torch only.
+"""M-RoPE positions of pruned Qwen-VL prompts (docs/spec.md section 5), torch only.
 
 Qwen-VL gives every prompt token a (t, h, w) position. Text tokens count up
 on all three axes; an image's tokens take ``base + (0, row, col)`` on its

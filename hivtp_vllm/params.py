@@ -56,8 +56,8 @@ NUM_LAYERS = "hivtp_num_layers"
 SELECTION = "hivtp_selection"
 
 # How the kept tokens are chosen: HIVTP (scores from the tower's middle
-# layers), or the uniform baseline of the same size (no scores, spec section
-# 6), for comparing the two on one's own data.
+# layers), or the uniform baseline of the same size (no scores, docs/spec.md
+# section 6), for comparing the two on one's own data.
 HIVTP, UNIFORM = "hivtp", "uniform"
 SELECTIONS = (HIVTP, UNIFORM)
 

@@ -1,4 +1,5 @@
-"""vLLM multimodal processors: reserve exactly the kept tokens per image.
+"""vLLM multimodal processors, what every family shares: reserve exactly the
+kept tokens per image.
 
 vLLM lays out the prompt, and so the KV cache, before any image is encoded.
 The processor therefore decides each image's plan here, from the request's
@@ -9,9 +10,9 @@ computed in one place and travel with the image, so the two sides cannot
 disagree, and every check runs here, in the API server, where a bad value is
 an HTTP 400 and not an engine crash.
 
-A *view* is one grid that HIVTP selects on: LLaVA-1.5 has one (24 x 24);
-LLaVA-NeXT has two, the base view and the stitched high-resolution grid,
-plus one newline embedding per high-resolution row that is always kept.
+A family's own processing info and processor (how an image of a given size
+lands in the prompt: :meth:`HivtpInfoMixin.hivtp_layout`) live in its module
+in :mod:`hivtp_vllm.models`, with its model.
 """
 
 from __future__ import annotations
@@ -21,20 +22,6 @@ from collections.abc import Mapping, Sequence
 
 from transformers import BatchFeature
 from vllm.exceptions import VLLMValidationError
-from vllm.model_executor.models.llava import (
-    LlavaDummyInputsBuilder,
-    LlavaMultiModalProcessor,
-    LlavaProcessingInfo,
-)
-from vllm.model_executor.models.llava_next import (
-    LlavaNextMultiModalProcessor,
-    LlavaNextProcessingInfo,
-)
-from vllm.model_executor.models.llava_onevision import (
-    LlavaOnevisionDummyInputsBuilder,
-    LlavaOnevisionMultiModalProcessor,
-    LlavaOnevisionProcessingInfo,
-)
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import (
     ImageEmbeddingItems,
@@ -47,10 +34,13 @@ from hivtp_vllm import contract, metrics, params
 from hivtp_vllm.contract import Layout, Plan
 from hivtp_vllm.views import supports_pruning
 
-# Processor-internal: the request's pruning, resolved once per ``apply`` and
-# handed to the hooks vLLM calls inside it (a ``hivtp_`` key, so it never
-# reaches the HF processor or a cache key).
+# Processor-internal values handed to the hooks vLLM calls inside ``apply``,
+# in the processor kwargs that vLLM passes them (``hivtp_`` keys, so they never
+# reach the HF processor or a cache key): the request's pruning, resolved
+# once per ``apply``, and whether the items are vLLM's dummies (warm-up and
+# memory profiling: planned, not counted in the metrics).
 RESOLVED = "hivtp_resolved"
+DUMMY = "hivtp_dummy"
 NO_KWARGS: Mapping[str, object] = {}
 
 
@@ -94,8 +84,9 @@ class HivtpInfoMixin:
         resolved = request_kwargs.get(RESOLVED)
         if isinstance(resolved, params.PruningRequest):
             return resolved
+        rest = {k: v for k, v in request_kwargs.items() if k not in (RESOLVED, DUMMY)}
         try:
-            request = params.resolve(self.hivtp_server_options(), request_kwargs)
+            request = params.resolve(self.hivtp_server_options(), rest)
         except params.HivtpParamError as exc:
             raise as_client_error(exc) from exc
         if request.prunes and not self.hivtp_supported():
@@ -138,68 +129,6 @@ class HivtpInfoMixin:
         ).tokens
 
 
-class HivtpLlavaProcessingInfo(HivtpInfoMixin, LlavaProcessingInfo):
-    """LLaVA-1.5: one H x W view per image, whatever its size."""
-
-    def hivtp_layout(
-        self, *, image_width: int, image_height: int, mm_kwargs: Mapping[str, object] = NO_KWARGS
-    ) -> Layout:
-        side = self.get_vision_encoder_info().get_patch_grid_length()
-        return Layout(grids=((side, side),))
-
-
-class HivtpAnyresInfoMixin(HivtpInfoMixin):
-    """The anyres families: the base view, the high-res grid, and its newlines."""
-
-    def hivtp_layout(
-        self, *, image_width: int, image_height: int, mm_kwargs: Mapping[str, object] = NO_KWARGS
-    ) -> Layout:
-        """Views exactly as vLLM counts them (``_get_num_unpadded_features``,
-        which for OneVision includes the ``anyres_max_9`` shrink).
-
-        An extreme aspect ratio can leave the unpadded grid with no rows
-        (a wide image: no newlines either) or no columns (a tall one: one
-        newline per row all the same); that view then has no tokens.
-        """
-        from transformers.models.llava_next.modeling_llava_next import (
-            get_anyres_image_grid_shape,
-        )
-
-        encoder = self.get_vision_encoder_info()
-        side = encoder.get_patch_grid_length()
-        tiles = get_anyres_image_grid_shape(
-            image_size=(image_height, image_width),
-            grid_pinpoints=self.get_hf_config().image_grid_pinpoints,
-            patch_size=encoder.get_image_size(),
-        )
-        features, rows = self._get_num_unpadded_features(
-            original_height=image_height,
-            original_width=image_width,
-            npatches=side,
-            num_patch_height=tiles[0],
-            num_patch_width=tiles[1],
-        )
-        # With no rows the crop took the height, so the width is uncropped.
-        cols = features // rows if rows else side * tiles[1]
-        return Layout(
-            grids=((side, side), (rows, cols)),
-            newlines=rows,
-            tiles=(int(tiles[0]), int(tiles[1])),
-        )
-
-
-class HivtpLlavaNextProcessingInfo(HivtpAnyresInfoMixin, LlavaNextProcessingInfo):
-    """LLaVA-NeXT: the base view, the unpadded high-res grid, and its newlines."""
-
-
-class HivtpLlavaOnevisionProcessingInfo(HivtpAnyresInfoMixin, LlavaOnevisionProcessingInfo):
-    """LLaVA-OneVision: as LLaVA-NeXT, the high-res grid shrunk past ~9 views.
-
-    Videos are not pruned: vLLM pools their frames already, and the hivtp
-    keys apply to a request's images only.
-    """
-
-
 class HivtpProcessorMixin:
     """Processor hooks shared by the families.
 
@@ -209,22 +138,23 @@ class HivtpProcessorMixin:
     itself into the image's multimodal kwargs for the model.
     """
 
-    _hivtp_dummy = False
-
-    def get_dummy_mm_inputs(self, *args, **kwargs):
+    def get_dummy_inputs(self, *args, **kwargs):
         # vLLM's warm-up and memory profiling: mark their items, count nothing.
-        self._hivtp_dummy = True
-        try:
-            return super().get_dummy_mm_inputs(*args, **kwargs)  # type: ignore[misc]
-        finally:
-            self._hivtp_dummy = False
+        inputs = super().get_dummy_inputs(*args, **kwargs)  # type: ignore[misc]
+        return dataclasses.replace(
+            inputs, hf_processor_mm_kwargs={**inputs.hf_processor_mm_kwargs, DUMMY: True}
+        )
 
     def apply(self, inputs, timing_ctx):
-        request = self.info.hivtp_request(inputs.hf_processor_mm_kwargs)  # type: ignore[attr-defined]
-        _, rest = params.split_hivtp_keys(inputs.hf_processor_mm_kwargs)
-        inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs={**rest, RESOLVED: request})
+        kwargs = dict(inputs.hf_processor_mm_kwargs)
+        dummy = bool(kwargs.pop(DUMMY, False))
+        request = self.info.hivtp_request(kwargs)  # type: ignore[attr-defined]
+        _, rest = params.split_hivtp_keys(kwargs)
+        inputs = dataclasses.replace(
+            inputs, hf_processor_mm_kwargs={**rest, RESOLVED: request, DUMMY: dummy}
+        )
         result = super().apply(inputs, timing_ctx)  # type: ignore[misc]
-        if not self._hivtp_dummy:
+        if not dummy:
             plans = self._hivtp_plans(inputs, request)
             self._hivtp_check(result, plans, request)
             self._hivtp_count(plans, request)
@@ -310,6 +240,7 @@ class HivtpProcessorMixin:
         if "pixel_values" not in processed_data:
             return processed_data  # precomputed embeddings are passed through
         request = self.info.hivtp_request(hf_processor_mm_kwargs)  # type: ignore[attr-defined]
+        dummy = bool(hf_processor_mm_kwargs.get(DUMMY, False))
         if "images" in mm_inputs:
             images = ImageProcessorItems(mm_inputs["images"])
             sizes = [images.get_image_size(i) for i in range(images.get_count())]
@@ -324,7 +255,7 @@ class HivtpProcessorMixin:
             found = self.info.hivtp_plan(  # type: ignore[attr-defined]
                 image_width=width, image_height=height, request=request, mm_kwargs=rest
             )
-            plans.append(dataclasses.replace(found, dummy=self._hivtp_dummy))
+            plans.append(dataclasses.replace(found, dummy=dummy))
         processed_data.update(contract.to_fields(plans))
         return processed_data
 
@@ -386,29 +317,12 @@ class HivtpProcessorMixin:
         return PromptReplacement(modality="image", target=[token_id], replacement=replacement)
 
 
-class HivtpLlavaMultiModalProcessor(HivtpProcessorMixin, LlavaMultiModalProcessor):
-    """LLaVA-1.5 processor with K placeholders per image instead of H x W."""
-
-
-class HivtpLlavaNextMultiModalProcessor(HivtpProcessorMixin, LlavaNextMultiModalProcessor):
-    """LLaVA-NeXT processor: K_base + K_hr + H' placeholders per image."""
-
-
-class HivtpLlavaOnevisionMultiModalProcessor(
-    HivtpProcessorMixin, LlavaOnevisionMultiModalProcessor
-):
-    """LLaVA-OneVision processor: K_base + K_hr + H' placeholders per image;
-    videos as in vLLM."""
-
-
 __all__ = [
-    "HivtpLlavaProcessingInfo",
-    "HivtpLlavaMultiModalProcessor",
-    "HivtpLlavaNextProcessingInfo",
-    "HivtpLlavaNextMultiModalProcessor",
-    "HivtpLlavaOnevisionProcessingInfo",
-    "HivtpLlavaOnevisionMultiModalProcessor",
-    "LlavaDummyInputsBuilder",
-    "LlavaOnevisionDummyInputsBuilder",
-    "supports_pruning",
+    "DUMMY",
+    "NO_KWARGS",
+    "RESOLVED",
+    "HivtpInfoMixin",
+    "HivtpProcessorMixin",
+    "as_client_error",
+    "other_kwargs",
 ]

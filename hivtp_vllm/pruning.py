@@ -73,7 +73,7 @@ def num_retained(num_tokens: int, retain_ratio: float) -> int:
     ``K = max(1, min(N, floor(r * N + 0.5)))``: round half up, never zero
     (an image always leaves a trace) and never more than N. A view with no
     tokens (``N = 0``: the unpadded grid of an image with an extreme aspect
-    ratio can have no rows or no columns) keeps none: spec section 2.
+    ratio can have no rows or no columns) keeps none: docs/spec.md section 2.
     """
     if num_tokens < 0:
         raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
@@ -126,7 +126,7 @@ def budget_range(sizes: Sequence[int]) -> tuple[int, int]:
     """Smallest and largest budget one image with views of ``sizes`` takes.
 
     Every view with tokens keeps at least one; a view with none keeps none
-    (spec section 2), so an image whose high-resolution grid is empty takes
+    (docs/spec.md section 2), so an image whose high-resolution grid is empty takes
     budgets from 1.
     """
     return sum(1 for n in sizes if n > 0), sum(sizes)
@@ -359,7 +359,7 @@ def uniform_lattice(height: int, width: int, num_keep: int) -> tuple[int, int]:
 def uniform_tokens(
     height: int, width: int, num_keep: int, device: torch.device | str | None = None
 ) -> torch.Tensor:
-    """The uniform baseline (spec section 6): K tokens spread evenly, no scores.
+    """The uniform baseline (docs/spec.md section 6): K tokens spread evenly, no scores.
 
     The grid is split into ``a x b`` cells (:func:`uniform_lattice`); the
     token nearest each cell's centre is row ``floor((2i + 1) H / (2a))`` and

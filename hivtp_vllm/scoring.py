@@ -223,7 +223,7 @@ class PackedReceivedAttention(ReceivedAttention):
     patches and attends within each image's segment only (``cu_seqlens``).
     Its attention modules are called with keywords, ``query`` and ``key``
     ``[1, S, heads, head_dim]`` after the rotary embedding. Each image is
-    scored over its own segment (spec section 5): softmax within the
+    scored over its own segment (docs/spec.md section 5): softmax within the
     segment, sums over its queries. The segments come from the image grids
     (``lengths``), not from the ``cu_seqlens`` the module gets, whose layout
     depends on vLLM's attention backend. The result is one score per

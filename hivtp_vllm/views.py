@@ -26,9 +26,9 @@ def cls_tokens(hf_config: object) -> int | None:
     cannot prune this model.
 
     HIVTP needs the features to be exactly the patch grid: CLIP with its CLS
-    dropped from the features ("default": 1 leading position, spec section
-    1), or SigLIP, which has no CLS, with every position kept ("full": 0,
-    spec section 5).
+    dropped from the features ("default": 1 leading position, docs/spec.md
+    section 1), or SigLIP, which has no CLS, with every position kept ("full": 0,
+    docs/spec.md section 5).
     """
     from transformers import CLIPVisionConfig, SiglipVisionConfig
 
@@ -41,15 +41,15 @@ def cls_tokens(hf_config: object) -> int | None:
     return None
 
 
-# Qwen-VL configs whose images HIVTP prunes (spec section 5: merged tokens,
-# packed images, windowed attention).
-QWEN_MODEL_TYPES = frozenset({"qwen2_5_vl", "qwen3_vl"})
-
-
 def supports_pruning(hf_config: object) -> bool:
-    """Whether HIVTP can prune this model's images: a LLaVA tower
-    (:func:`cls_tokens`) or a Qwen-VL one."""
-    if getattr(hf_config, "model_type", None) in QWEN_MODEL_TYPES:
+    """Whether HIVTP can prune this model's images: a family whose tower
+    packs merged tokens (layout "merged", docs/algorithm.md "Qwen2.5-VL and
+    Qwen3-VL"), or one whose features are exactly the patch grid
+    (:func:`cls_tokens`)."""
+    from hivtp_vllm.families import of_config
+
+    family = of_config(hf_config)
+    if family is not None and family.layout == "merged":
         return True
     return cls_tokens(hf_config) is not None
 

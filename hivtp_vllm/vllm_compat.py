@@ -1,25 +1,32 @@
-"""Everything that depends on the exact vLLM release, in one place.
+"""The vLLM boundary: every runtime patch of vLLM, and the start-up checks.
 
-vLLM (0.32, 0.33) rejects every per-request ``mm_processor_kwargs`` unless
-the server runs with ``--trust-request-mm-kwargs``, since arbitrary processor
-options can raise resource use. HIVTP's options only lower it (fewer tokens
-per image), so they are accepted without that flag. vLLM offers no extension
-point for this check, so :func:`allow_hivtp_request_kwargs` wraps the one
-function that makes it, in the modules that call it, and then checks that no
-other loaded vLLM module still holds the unwrapped function (a release that
-calls it from somewhere new is refused at start-up, not found by a client's
-400). Other keys are still handed to vLLM's own check, unchanged, and rejected
-exactly as before.
+This is the one module that changes vLLM objects at run time; each change,
+and every other vLLM internal the plugin relies on (private methods it
+overrides or calls, call conventions), is a row of the registry
+:data:`hivtp_vllm.internals.INTERNALS` (what, why, how, the releases and
+runners checked, the upstream change that would retire it), which a test
+walks against the installed vLLM (tests/test_internals.py) and which
+docs/vllm-internals.md prints.
 
-Every vLLM internal the plugin relies on, and how each supported release was
-checked, is listed in docs/vllm-internals.md.
-
-Also here: :func:`let_vllm_limit_image_size`, so an image too large to decode
-gets vLLM's own 400 rather than a 500 (see there); the switch that makes both
-of vLLM's model runners (V1 and V2) call the Qwen-VL models' position hook
-(:func:`open_mrope_pruning_hook`, and :func:`let_cpu_v1_runner_recompute_mrope`
-for the CPU build's V1 runner); and the start-up check of the runner
-(:func:`check_model_runner`).
+- :func:`allow_hivtp_request_kwargs`: vLLM (0.32, 0.33) rejects every
+  per-request ``mm_processor_kwargs`` unless the server runs with
+  ``--trust-request-mm-kwargs``, since arbitrary processor options can raise
+  resource use. HIVTP's options only lower it (fewer tokens per image), so
+  they are accepted without that flag. vLLM offers no extension point for
+  this check, so the one function that makes it is wrapped in the modules
+  that call it, and no other loaded vLLM module may still hold the unwrapped
+  function (a release that calls it from somewhere new is refused at
+  start-up, not found by a client's 400). Other keys are still handed to
+  vLLM's own check, unchanged, and rejected exactly as before.
+- :func:`let_vllm_limit_image_size`: an image too large to decode gets
+  vLLM's own 400 rather than a 500.
+- :func:`open_mrope_pruning_hook` and :func:`let_cpu_v1_runner_recompute_mrope`:
+  both of vLLM's model runners (V1 and V2) call the Qwen-VL models' position
+  hook; :func:`remember_decode_offset` / :func:`remembered_decode_offset`: the
+  V1 runner's positions tensor carries the offset computed at arrival;
+  :func:`capture_no_encoder_graphs`: no encoder CUDA graph for a pruned model.
+- :func:`check_vllm_version`, :func:`check_model_runner`: refuse a release or
+  a worker the plugin has not checked.
 """
 
 from __future__ import annotations
@@ -88,19 +95,27 @@ def _check_served_model(keys: dict[str, object], caller: object) -> None:
     Served unpruned without a word, a client would believe it got what it
     asked for; it is told instead, with the architectures that are pruned.
     """
-    from hivtp_vllm import MODELS
+    from hivtp_vllm.families import BY_ARCHITECTURE
 
     served = _served_architectures(caller)
-    if served is None or any(arch in MODELS for arch in served):
+    if served is None or any(arch in BY_ARCHITECTURE for arch in served):
         return
     from vllm.exceptions import VLLMValidationError
 
     key = sorted(keys)[0]
     raise VLLMValidationError(
         f"{key}: the served model ({', '.join(served)}) is not pruned by hivtp-vllm; "
-        f"hivtp_ options apply to the architectures {', '.join(MODELS)}",
+        f"hivtp_ options apply to the architectures {', '.join(BY_ARCHITECTURE)}",
         parameter=key,
     )
+
+
+def apply_patches() -> None:
+    """Every runtime patch of vLLM, in every vLLM process (``register()``).
+    Idempotent: vLLM may register the plugin several times."""
+    allow_hivtp_request_kwargs()
+    let_vllm_limit_image_size()
+    let_cpu_v1_runner_recompute_mrope()
 
 
 def _wrap(original: Callable[..., None]) -> Callable[..., None]:
@@ -110,6 +125,8 @@ def _wrap(original: Callable[..., None]) -> Callable[..., None]:
         if ours:
             from vllm.exceptions import VLLMValidationError
 
+            # The gate is passed no model; its callers are methods of objects
+            # holding ``model_config`` (registry: "the gate's callers").
             _check_served_model(ours, sys._getframe(1).f_locals.get("self"))
             try:
                 # Model-independent checks here, before the engine sees the
@@ -169,7 +186,7 @@ def check_gate_wrapped() -> None:
 
 
 def _unsupported(problem: str) -> str:
-    from hivtp_vllm import __version__
+    from hivtp_vllm.version import __version__
 
     return (
         f"hivtp-vllm {__version__}: {problem}; this vLLM release "
@@ -313,3 +330,44 @@ def _wrap_load_model(original: Callable[..., None]) -> Callable[..., None]:
 
     load_model.hivtp_original = original  # type: ignore[attr-defined]
     return load_model
+
+
+# The V1 runner's positions tensor: the attribute that carries the decoding
+# offset computed at arrival (registry: "the runners' positions").
+_DELTA = "hivtp_delta"
+
+
+def remember_decode_offset(positions, delta: int):
+    """Positions that remember the decoding offset computed at arrival.
+
+    The offset is fixed when the request arrives: the unpruned prompt's
+    largest position + 1 - the pruned prompt's length. After placement the
+    largest position of a prompt that ends in a pruned run (a raw prompt
+    ending in image pads) is that of the largest kept token, smaller than the
+    unpruned one, so recomputing the offset from the positions would move
+    decoding. vLLM's V1 model runner (0.32, 0.33) keeps the tensor returned
+    by ``get_mrope_input_positions`` as the request's positions, writes into
+    it in place, and hands the same object to ``recompute_mrope_positions``
+    at every step (decode steps included, with no rows) and takes the offset
+    that returns; the hook is given nothing else that holds it, so it rides
+    on the tensor. V2 copies the positions and calls the hook only for
+    chunks with media rows (:func:`remembered_decode_offset` returns None).
+    """
+    setattr(positions, _DELTA, delta)
+    return positions
+
+
+def remembered_decode_offset(positions) -> int | None:
+    """The offset :func:`remember_decode_offset` stored (V1), or None (V2)."""
+    return getattr(positions, _DELTA, None)
+
+
+def capture_no_encoder_graphs(config):
+    """The model's encoder CUDA graph config, capturing no modality.
+
+    Graph replay bypasses ``embed_multimodal`` (no selection, no position
+    columns) and runs no hook; vLLM captures none for its own pruning either.
+    ``config`` is what the stock ``get_encoder_cudagraph_config`` returned.
+    """
+    config.modalities = []
+    return config

@@ -1,7 +1,7 @@
 """Load-test runner: the plugin's server, stock vLLM, locust phases, one report.
 
     .venv/bin/python loadtest/runner.py                     # LLaVA-1.5: 7 phases, ~14 min
-    .venv/bin/python loadtest/runner.py --arch llava-next   # llava-onevision, qwen2.5-vl, qwen3-vl
+    .venv/bin/python loadtest/runner.py --arch llava-next   # any row of hivtp_vllm/families.py
     .venv/bin/python loadtest/runner.py --plan              # what it would run, then exit
 
 What it does, bounded and on loopback only:
@@ -39,6 +39,10 @@ The comparisons, each within one run and one machine:
 - r = 0.25 (and uniform r = 0.25) vs the ceiling: the vision tower's cost
   that HIVTP pays by design, since it must see all patches to score them.
 
+Each family's defaults (images, phases, ceiling twin, server options and
+the report's notes) are its row's ``Family.load`` in hivtp_vllm/families.py,
+the one table of architectures, so a new family needs no change here.
+
 Client-side figures come from the locust file's per-request records
 (``--record``): TTFT = time to the first streamed content chunk; output
 throughput = output tokens of all requests / (last end - first start).
@@ -63,84 +67,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import machine, write_section  # noqa: E402
+from hivtp_vllm.families import FAMILIES, Family  # noqa: E402
 from hivtp_vllm.tools.local_server import VllmServer, image_data_url, metric  # noqa: E402
 
 LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
 CEILING, STOCK, UNIFORM = "ceiling", "stock", "uniform"
 PLUGIN = "plugin"  # the server a phase runs on: PLUGIN, STOCK or CEILING
-
-
-@dataclass(frozen=True)
-class Family:
-    """One model family: its checkpoint, default traffic and report names."""
-
-    arch: str  # make-model --arch
-    slug: str  # section load-<slug> in docs/benchmarks.md, charts docs/img/load-<slug>-*.png
-    title: str
-    image_sizes: str
-    phases: str
-    # Tile size of the ceiling twin (None: no ceiling phase; ``ceiling_note`` says why).
-    ceiling_px: int | None
-    server_args: tuple[str, ...] = ()
-    ceiling_note: str = ""
-
-
-FAMILIES: dict[str, Family] = {
-    "llava": Family(
-        "llava",
-        "llava-1.5",
-        "LLaVA-1.5",
-        "336x336,672x336,500x500",
-        "1.0,0.5,0.25,uniform0.25,k64,ceiling,stock",
-        168,
-        ceiling_note="The ceiling is the same checkpoint made for 168 px images (12 x 12 = 144 "
-        "visual tokens, as many as r = 0.25 keeps) on stock vLLM: pruning that costs nothing.",
-    ),
-    "llava-next": Family(
-        "llava-next",
-        "llava-next",
-        "LLaVA-NeXT",
-        "672x672",
-        "1.0,0.5,0.25,uniform0.25,ceiling,stock",
-        168,
-        ceiling_note="The ceiling is the same checkpoint made for 168 px tiles (its grid "
-        "pinpoints scale with the tile, so a 672 x 672 image gets the same 2 x 2 grid: a "
-        "12 x 12 base view and a 24 x 24 high-res grid, as many tokens as r = 0.25 keeps, "
-        "but one newline per 24 rows instead of 48) on stock vLLM: pruning that costs nothing.",
-    ),
-    "llava-onevision": Family(
-        "llava-onevision",
-        "llava-onevision",
-        "LLaVA-OneVision",
-        "768x768",
-        "1.0,0.5,0.25,uniform0.25,stock",
-        None,
-        # An image of up to 3 x 3 tiles of 384 px takes about 7,400 tokens; 8,192
-        # of them fit the default 512 MiB KV cache of the bench model (48 KiB a token).
-        server_args=("--max-model-len", "8192"),
-        ceiling_note="No ceiling phase: OneVision picks its tile grid from the image's size "
-        "among 1..6 x 1..6 tiles, so a checkpoint with half-size tiles gives the same image "
-        "four times the tiles (then shrinks the grid to about 9 tiles' worth: anyres_max_9), "
-        "not a quarter of the patches; no twin carries r = 0.25's tokens with a quarter of the "
-        "tower's work. The uniform r = 0.25 phase still splits HIVTP's cost from the tower's.",
-    ),
-    # 896 x 896: 32 x 32 = 1024 tokens (Qwen2.5-VL, 28 px a token), 28 x 28 = 784 (Qwen3-VL).
-    **{
-        arch: Family(
-            arch,
-            arch,
-            title,
-            "896x896",
-            "1.0,0.5,0.25,uniform0.25,stock",
-            None,
-            server_args=("--max-model-len", "8192"),
-            ceiling_note="No ceiling phase: a Qwen-VL image's token count follows its pixel "
-            "bounds, not a twin checkpoint's tile size; the uniform r = 0.25 phase splits "
-            "HIVTP's cost from the tower's.",
-        )
-        for arch, title in (("qwen2.5-vl", "Qwen2.5-VL"), ("qwen3-vl", "Qwen3-VL"))
-    },
-}
 
 
 @dataclass(frozen=True)
@@ -323,7 +255,8 @@ def summarise(records: list[dict], samples: Samples) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class Load:
-    """What every phase shares."""
+    """What every phase shares: the family's defaults (``Family.load``) as the
+    command line overrides them."""
 
     users: int
     spawn_rate: float
@@ -671,22 +604,6 @@ def charts(
     return written
 
 
-READING = {
-    "llava": [
-        "Reading: the ceiling is cheaper than r = 0.25 in one way pruning cannot be: its",
-        "vision tower sees 144 patches, where HIVTP's must see all 576 to score them (the",
-        "bench tower takes about 56 ms an image at 336 px and a quarter of that at 168 px;",
-        "scoring and selection add 5 ms, see the single-request section). Under continuous",
-        "batching each new image's encoding runs inside an engine step, so it delays every",
-        "running request's next token, not only its own first one. The uniform phase keeps",
-        "the same tokens without scores: HIVTP against it is scoring and selection alone,",
-        "uniform against the ceiling the full-resolution tower alone. The LLaVA-1.5-7B",
-        "tower is a smaller share of a step, so the gap there should be smaller; it is",
-        "measured here only for the bench model.",
-    ],
-}
-
-
 def report(
     results: dict[str, dict[str, float]],
     phases: list[Phase],
@@ -704,7 +621,7 @@ def report(
         servers.append("stock vLLM on the same checkpoint (`VLLM_PLUGINS` names no plugin; stock)")
     if any(p.is_ceiling for p in phases):
         servers.append("stock vLLM on the ceiling twin (ceiling)")
-    ceiling = family.ceiling_note
+    ceiling = family.load.ceiling_note
     lines = [
         f"## {family.title} under load: continuous batching with locust",
         "",
@@ -713,7 +630,7 @@ def report(
         "same machine.",
         "",
         f"Model: random-weight `{size}` {family.title} (`make-model --size {size} --arch "
-        f"{family.arch}`). Servers, side by side: {'; '.join(servers)}.",
+        f"{family.name}`). Servers, side by side: {'; '.join(servers)}.",
         "",
         f"Load per phase: {load.users} users (spawn {load.spawn_rate}/s), {load.duration} s, "
         f"streaming chat, {load.images} image(s) per request from {load.image_sizes}, every "
@@ -734,18 +651,18 @@ def report(
         )
     lines += ["", "What each comparison measures, and this run's figures (issues #4, #14):"]
     lines += [*comparisons(results), ""]
-    if family.arch in READING:
-        lines += [*READING[family.arch], ""]
+    if family.load.reading:  # the family's own paragraph, where its results need one
+        lines += [*family.load.reading, ""]
     lines += [f"![{Path(p).stem}]({p})" for p in rel]
     return "\n".join(lines)
 
 
 def model_dirs(models: Path, size: str, family: Family) -> dict[str, Path]:
     """Checkpoint directory by server kind (PLUGIN and STOCK share one)."""
-    model = models / f"{size}-{family.arch}"
+    model = models / f"{size}-{family.name}"
     dirs = {PLUGIN: model, STOCK: model}
-    if family.ceiling_px:
-        dirs[CEILING] = models / f"{size}-{family.arch}-{family.ceiling_px}"
+    if family.load.ceiling_px:
+        dirs[CEILING] = models / f"{size}-{family.name}-{family.load.ceiling_px}"
     return dirs
 
 
@@ -756,8 +673,8 @@ def ensure_models(models: Path, size: str, family: Family) -> dict[str, Path]:
     dirs = model_dirs(models, size, family)
     for kind, path in dirs.items():
         if not (path / "config.json").exists():
-            image_size = family.ceiling_px if kind == CEILING else None
-            make_checkpoint(path, size=size, arch=family.arch, image_size=image_size)
+            image_size = family.load.ceiling_px if kind == CEILING else None
+            make_checkpoint(path, size=size, arch=family.name, image_size=image_size)
     return dirs
 
 
@@ -770,7 +687,9 @@ def estimate_s(phases: list[Phase], load: Load, rounds: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--arch", choices=list(FAMILIES), default="llava", help="model family")
+    parser.add_argument(
+        "--arch", choices=list(FAMILIES), default="llava", help="model family (families.py)"
+    )
     parser.add_argument("--size", default="bench", help="make-model size (default bench)")
     parser.add_argument("--models", type=Path, default=ROOT / ".cache" / "models")
     parser.add_argument("--phases", help="comma-separated (default: the family's)")
@@ -792,9 +711,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     family = FAMILIES[args.arch]
-    phases = [Phase.parse(p) for p in (args.phases or family.phases).split(",")]
-    if any(p.is_ceiling for p in phases) and not family.ceiling_px:
-        parser.error(f"no ceiling phase for {family.arch}: {family.ceiling_note}")
+    phases = [Phase.parse(p) for p in (args.phases or family.load.phases).split(",")]
+    if any(p.is_ceiling for p in phases) and not family.load.ceiling_px:
+        parser.error(f"no ceiling phase for {family.name}: {family.load.ceiling_note}")
     section = args.section or f"load-{family.slug}"
     load = Load(
         args.users,
@@ -802,9 +721,9 @@ def main(argv: list[str] | None = None) -> int:
         args.duration,
         args.max_tokens,
         args.images,
-        args.image_sizes or family.image_sizes,
+        args.image_sizes or family.load.image_sizes,
     )
-    server_args = [*family.server_args, *args.server_arg]  # the user's come last and win
+    server_args = [*family.load.server_args, *args.server_arg]  # the user's come last and win
     dirs = {
         k: v
         for k, v in model_dirs(args.models, args.size, family).items()

@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 # The tests run against every GPU build (each in .venv-gpu-X.Y/, made by
 # scripts/setup.sh gpu X.Y.Z): the ones that need no server and no GPU.
 GPU_BUILD_TESTS=(tests/test_processor.py tests/test_qwen_processor.py tests/test_params.py tests/test_pruning.py tests/test_compat.py tests/test_mrope.py
-  tests/test_select_compile.py)
+  tests/test_select_compile.py tests/test_internals.py)
 GPU_BUILDS=(0.32.0 0.33.0)
 export HF_HUB_OFFLINE=1
 

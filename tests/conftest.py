@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from hivtp_vllm import families as table
 from hivtp_vllm.tools.local_server import VllmServer
 from tests.runners import RUNNERS, assert_runs, runner_env
 
@@ -52,7 +53,8 @@ def shared_plugin_server(server_factory, tiny_llava) -> VllmServer:
     return server_factory(tiny_llava)
 
 
-QWEN_ARCHS = ("qwen2.5-vl", "qwen3-vl")
+# The Qwen-VL families: the rows of the family table with the "merged" layout.
+QWEN_ARCHS = tuple(name for name, row in table.FAMILIES.items() if row.layout == "merged")
 
 
 @pytest.fixture(scope="module", params=QWEN_ARCHS)
@@ -76,7 +78,7 @@ class Served:
     """One family's random checkpoint, served four ways: the plugin and stock
     vLLM (plugin not loaded) on each model runner (tests/runners.py)."""
 
-    family: object  # tests.count_contract.Family
+    family: object  # tests.count_contract.Family (the family table's row, as tests see it)
     checkpoint: Path
     servers: dict[tuple[str, bool], VllmServer]
 
@@ -88,7 +90,7 @@ class Served:
 @pytest.fixture(scope="session")
 def family_servers(request, server_factory, tmp_path_factory) -> Served:
     """A family's four servers, started side by side. Parametrize indirectly
-    with a name of tests/count_contract.FAMILIES
+    with a family's name (hivtp_vllm/families.py; tests/count_contract.FAMILIES)
     (``@pytest.mark.parametrize("family_servers", ["llava-next"], indirect=True)``):
     pytest then runs every test of every module that asks for one family
     together, on one set of servers, and stops it before the next family's."""
@@ -97,7 +99,7 @@ def family_servers(request, server_factory, tmp_path_factory) -> Served:
 
     family = FAMILIES[request.param]
     ckpt = make_checkpoint(
-        tmp_path_factory.mktemp(f"served-{family.arch}") / "tiny", arch=family.arch
+        tmp_path_factory.mktemp(f"served-{family.name}") / "tiny", arch=family.name
     )
     args = ("--max-model-len", str(family.max_model_len))
     if family.videos:

@@ -7,34 +7,25 @@ either the API server refuses the request (a 400 naming the key) or the
 processor's placeholder count equals what the model emits; and with no
 pruning it equals stock vLLM's own count.
 
-A family plugs in with a :class:`Family`: how to build its checkpoint, which
-``image_grid_pinpoints`` its published configs use (if any), and how to make
-its model emit embeddings for one image from random tower outputs (the
-model's own ``hivtp_emit``, which holds everything after the tower: vLLM's
-merge, the selection, the gather). Tower outputs are random, so thousands of
-cases run in seconds; the tower itself is covered by the score tests.
+The families are the rows of :data:`hivtp_vllm.families.FAMILIES`; the tests
+see each through a :class:`Family` derived from its row: the layout picks how
+the model emits one image's embeddings from random tower outputs (the model's
+own ``hivtp_emit``, which holds everything after the tower: vLLM's merge, the
+selection, the gather), the checkpoint recipe gives the view and token sizes
+and the test checkpoint's ``image_grid_pinpoints``. Tower outputs are random,
+so thousands of cases run in seconds; the tower itself is covered by the
+score tests.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from hypothesis import strategies as st
 
 from hivtp_vllm import contract
-
-# llava-hf/llava-v1.6-{vicuna-7b,vicuna-13b,mistral-7b,34b}-hf config.json all
-# carry the same pinpoints; our random checkpoints use them too. The wide
-# grid is not published: it stresses grids of up to 4 x 4 tiles.
-LLAVA_V16_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
-WIDE_PINPOINTS = [[336 * r, 336 * c] for r in range(1, 5) for c in range(1, 5)]
-# llava-hf/llava-onevision-qwen2-{0.5b,7b,72b}-ov-hf: every grid of 1..6 x 1..6
-# tiles of 384 px. The narrow set (at most 2 x 2 tiles) never shrinks.
-ONEVISION_PINPOINTS = [[384 * r, 384 * c] for r in range(1, 7) for c in range(1, 7)]
-NARROW_384_PINPOINTS = [[384 * r, 384 * c] for r in range(1, 3) for c in range(1, 3)]
+from hivtp_vllm import families as table
 
 # vLLM's VLLM_MAX_IMAGE_PIXELS default: larger images are refused before any
 # processor runs.
@@ -56,35 +47,6 @@ EXTREME_SIZES = [
     (1, 336),
     (13376, 13378),  # just under the pixel limit
 ]
-
-
-@dataclass
-class Family:
-    """One served architecture, as the count-contract tests see it."""
-
-    name: str
-    arch: str  # make-model --arch
-    # Emits one image's embeddings: (model, plan or None, width, height) -> [T, D].
-    emit: Callable[[object, contract.Plan | None, int, int], torch.Tensor]
-    pinpoints: dict[str, list[list[int]]] = field(default_factory=dict)
-    tile: int = 336  # px of one view
-    side: int = 24  # patches along a view's side
-    max_views: int | None = None  # anyres_max_N: the high-res grid shrinks past N views
-    max_model_len: int = 4096  # room for the largest image's tokens
-    # Whether an image can have a view with no tokens. LLaVA-NeXT's even
-    # 24-patch tiles can be unpadded to no rows or columns; OneVision's odd
-    # 27 always leaves one (padding (27 - 0) // 2 = 13 from each side).
-    empty_views: bool = False
-    # Qwen-VL: images are resized to multiples of ``unit`` px within these
-    # pixel bounds (the test checkpoint's), one token per unit x unit block.
-    pixel_bounds: tuple[int, int] | None = None
-    videos: bool = False  # the family takes videos too
-    unit: int = 28
-
-    @property
-    def own_pinpoints(self) -> list[list[int]] | None:
-        """The pinpoints of the family's test checkpoint (the first set listed)."""
-        return next(iter(self.pinpoints.values()), None)
 
 
 @st.composite
@@ -126,8 +88,8 @@ def _scores(plan: contract.Plan, *shape: int) -> torch.Tensor | None:
     return None if plan.uniform else torch.rand(*shape)
 
 
-def emit_llava(model, plan: contract.Plan | None, width: int, height: int) -> torch.Tensor:
-    """LLaVA-1.5: one 24 x 24 view whatever the image size."""
+def emit_single(family: Family, model, plan, width: int, height: int) -> torch.Tensor:
+    """LLaVA-1.5: one grid whatever the image size."""
     side = model.config.vision_config.image_size // model.config.vision_config.patch_size
     embeds = torch.randn(1, side * side, model.config.text_config.hidden_size)
     scores = {0: _scores(plan, side * side)} if plan is not None and plan.prunes else {}
@@ -135,7 +97,7 @@ def emit_llava(model, plan: contract.Plan | None, width: int, height: int) -> to
     return model.hivtp_emit(embeds, scores, plans)[0]
 
 
-def emit_anyres(model, plan: contract.Plan | None, width: int, height: int) -> torch.Tensor:
+def emit_anyres(family: Family, model, plan, width: int, height: int) -> torch.Tensor:
     """LLaVA-NeXT, OneVision: the base tile plus the tiles of the best pinpoint,
     as the HF image processor cuts them (tile count from transformers, not
     from the plan)."""
@@ -154,54 +116,110 @@ def emit_anyres(model, plan: contract.Plan | None, width: int, height: int) -> t
     return model.hivtp_emit([embeds], scores, plans, sizes)[0]
 
 
-def emit_qwen(
-    name: str, model, plan: contract.Plan | None, width: int, height: int
-) -> torch.Tensor:
+def emit_merged(family: Family, model, plan, width: int, height: int) -> torch.Tensor:
     """Qwen-VL: the merged grid of the resized image (transformers' smart_resize)."""
-    (sizes, _) = reference_views(FAMILIES[name], width, height, None)
+    (sizes, _) = reference_views(family, width, height, None)
     embeds = [torch.randn(sizes[0], 8)]
     scores = {0: _scores(plan, sizes[0])} if plan is not None and plan.prunes else {}
     plans = [plan] if plan is not None else []
     return model.hivtp_emit(embeds, scores, plans)[0]
 
 
-FAMILIES = {
-    "llava": Family("LLaVA-1.5", "llava", emit_llava),
-    "llava-next": Family(
-        "LLaVA-NeXT",
-        "llava-next",
-        emit_anyres,
-        pinpoints={"llava-v1.6": LLAVA_V16_PINPOINTS, "wide-4x4": WIDE_PINPOINTS},
-        empty_views=True,
-    ),
-    "llava-onevision": Family(
-        "LLaVA-OneVision",
-        "llava-onevision",
-        emit_anyres,
-        pinpoints={"onevision-ov": ONEVISION_PINPOINTS, "narrow-2x2": NARROW_384_PINPOINTS},
-        tile=384,
-        side=27,
-        max_views=9,
-        max_model_len=16384,
-        videos=True,
-    ),
-    # Pixel bounds: the tiny checkpoints' preprocessor_config.json.
-    "qwen2.5-vl": Family(
-        "Qwen2.5-VL",
-        "qwen2.5-vl",
-        functools.partial(emit_qwen, "qwen2.5-vl"),
-        pixel_bounds=(3136, 1_003_520),
-        videos=True,
-    ),
-    "qwen3-vl": Family(
-        "Qwen3-VL",
-        "qwen3-vl",
-        functools.partial(emit_qwen, "qwen3-vl"),
-        pixel_bounds=(65536, 1_310_720),
-        unit=32,
-        videos=True,
-    ),
-}
+EMIT = {"single": emit_single, "anyres": emit_anyres, "merged": emit_merged}
+
+# Grids the published checkpoints lack, to stress the anyres layout: a family
+# whose grid shrinks past ``max_views`` also serves grids of at most 2 x 2
+# tiles (they never shrink), one that never shrinks grids of up to 4 x 4.
+STRESS_GRIDS = {True: ("narrow-2x2", 2), False: ("wide-4x4", 4)}
+
+MERGE = 2  # Qwen-VL merges 2 x 2 patches into one token
+
+
+@dataclass(frozen=True)
+class Family:
+    """One row of the family table, as the count-contract and server tests see it."""
+
+    row: table.Family
+
+    @property
+    def name(self) -> str:  # make-model --arch, test ids
+        return self.row.name
+
+    @property
+    def title(self) -> str:
+        return self.row.title
+
+    @property
+    def layout(self) -> str:
+        return self.row.layout
+
+    @property
+    def max_views(self) -> int | None:  # anyres_max_N: the high-res grid shrinks past N views
+        return self.row.max_views
+
+    @property
+    def videos(self) -> bool:  # the family takes videos too
+        return self.row.videos
+
+    @property
+    def max_model_len(self) -> int:  # room for the largest image's tokens
+        return self.row.max_model_len
+
+    @property
+    def tile(self) -> int:
+        """px of one view (LLaVA layouts)."""
+        return self.row.checkpoint.image_size
+
+    @property
+    def side(self) -> int:
+        """Patches along a view's side (LLaVA layouts)."""
+        return self.tile // self.row.checkpoint.patch_size
+
+    @property
+    def unit(self) -> int:
+        """Qwen-VL: px along one merged token's side; images are resized to multiples of it."""
+        return self.row.checkpoint.patch_size * MERGE
+
+    @property
+    def pixel_bounds(self) -> tuple[int, int] | None:
+        """Qwen-VL: the test checkpoint's (min, max) pixels an image is resized
+        within (make-model --size tiny: the published minimum, the maximum
+        lowered to the recipe's tiny one)."""
+        if self.layout != "merged":
+            return None
+        low, high = self.row.checkpoint.image_pixels
+        return low, min(high, self.row.checkpoint.tiny_max_pixels[0])
+
+    @property
+    def empty_views(self) -> bool:
+        """Whether an image can have a view with no tokens. LLaVA-NeXT's even
+        24-patch tiles can be unpadded to no rows or columns; OneVision's odd
+        27 always leaves one (padding (27 - 0) // 2 = 13 from each side)."""
+        return self.layout == "anyres" and self.side % 2 == 0
+
+    @property
+    def pinpoints(self) -> dict[str, list[list[int]]]:
+        """Anyres: "own" (the test checkpoint's pinpoints, as the published
+        configs' ``image_grid_pinpoints``), then a grid set that stresses the layout."""
+        if self.layout != "anyres":
+            return {}
+        t = self.tile
+        own = [[t * r, t * c] for r, c in self.row.checkpoint.grid_tiles]
+        name, n = STRESS_GRIDS[self.max_views is not None]
+        stress = [[t * r, t * c] for r in range(1, n + 1) for c in range(1, n + 1)]
+        return {"own": own, name: stress}
+
+    @property
+    def own_pinpoints(self) -> list[list[int]] | None:
+        """The pinpoints of the family's test checkpoint (None: not anyres)."""
+        return self.pinpoints.get("own")
+
+    def emit(self, model, plan: contract.Plan | None, width: int, height: int) -> torch.Tensor:
+        """One image's embeddings, as the loaded model emits them for ``plan``: [T, D]."""
+        return EMIT[self.layout](self, model, plan, width, height)
+
+
+FAMILIES: dict[str, Family] = {name: Family(row) for name, row in table.FAMILIES.items()}
 
 
 # -- an independent reference for the expected counts ------------------------
@@ -215,13 +233,13 @@ def reference_views(
     import math
 
     side = family.side
-    if family.pixel_bounds is not None:
+    if family.layout == "merged":
         from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
         low, high = family.pixel_bounds
         h, w = smart_resize(height, width, factor=family.unit, min_pixels=low, max_pixels=high)
         return [(h // family.unit) * (w // family.unit)], 0
-    if family.arch == "llava":
+    if family.layout == "single":
         return [side * side], 0
     from transformers.models.llava_next.modeling_llava_next import (
         get_anyres_image_grid_shape,
@@ -239,7 +257,8 @@ def reference_views(
 
 
 def reference_tokens(sizes: list[int], newlines: int, options: dict | None) -> int | None:
-    """Visual tokens a request gets by the spec (sections 2 and 3), or None for a 400."""
+    """Visual tokens a request gets by the spec (docs/spec.md sections 2 and 3),
+    or None for a 400."""
     from hivtp_vllm.pruning import num_retained
 
     options = options or {}

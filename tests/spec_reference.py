@@ -1,4 +1,4 @@
-"""Plain-Python reference for sections 2 and 3 of the HIVTP spec.
+"""Plain-Python reference for sections 2 and 3 of the HIVTP spec (docs/spec.md).
 
 Written straight from /work/shared/hivtp-spec.md ("HIVTP, as hivtp-vllm
 implements it"), deliberately with lists and loops only, so that each line can

@@ -244,14 +244,14 @@ def test_qwen_same_seed_same_bytes(tmp_path):
 
 @pytest.mark.parametrize("arch", list(QWEN))
 def test_qwen_bench_language_model_dominates(arch):
-    from hivtp_vllm.tools.checkpoints import build_qwen_config, build_qwen_tokenizer
+    from hivtp_vllm.tools.checkpoints import build_config, build_qwen_tokenizer
 
-    config = build_qwen_config(arch, "bench", build_qwen_tokenizer())
+    config = build_config(arch, "bench", None, build_qwen_tokenizer())
     flops = flops_per_image(config)  # a 448 px square image
     assert flops["visual_tokens"] == (256 if arch == "qwen2.5-vl" else 196)
     assert flops["lm_to_vision"] >= 10
     assert config.vision_config.depth >= 8
-    tiny = build_qwen_config(arch, "tiny", build_qwen_tokenizer())
+    tiny = build_config(arch, "tiny", None, build_qwen_tokenizer())
     assert tiny.vision_config.patch_size == config.vision_config.patch_size
 
 

@@ -38,10 +38,20 @@ def loaded(tmp_path_factory):
     def get(name: str) -> tuple:
         if name not in cache:
             family = FAMILIES[name]
-            ckpt = make_checkpoint(tmp_path_factory.mktemp(name) / "tiny", arch=family.arch)
+            ckpt = make_checkpoint(tmp_path_factory.mktemp(name) / "tiny", arch=family.name)
             info = MULTIMODAL_REGISTRY.create_processor(
                 ModelConfig(model=str(ckpt), max_model_len=family.max_model_len)
             ).info
+            # What the tests derive from the family's row is what make-model built.
+            hf_config = info.get_hf_config()
+            vision = hf_config.vision_config
+            if family.layout == "merged":
+                assert vision.patch_size * vision.spatial_merge_size == family.unit
+                bounds = info.get_image_processor().size
+                assert (bounds["shortest_edge"], bounds["longest_edge"]) == family.pixel_bounds
+            else:
+                assert vision.image_size // vision.patch_size == family.side
+                assert getattr(hf_config, "image_grid_pinpoints", None) == family.own_pinpoints
             engine = in_process_llm(ckpt, max_model_len=family.max_model_len)
             llm = engine.__enter__()
             engines.append(engine)
@@ -54,7 +64,8 @@ def loaded(tmp_path_factory):
         engine.__exit__(None, None, None)
 
 
-# (family, pinpoints): a family's own checkpoint, or each published grid set.
+# (family, pinpoints): a family's own checkpoint (its own grids, "own"), and
+# for anyres families another grid set that stresses the layout.
 CONFIGS = [
     (name, grid)
     for name, family in FAMILIES.items()
@@ -63,7 +74,7 @@ CONFIGS = [
 
 
 def set_pinpoints(info, model, pinpoints) -> None:
-    """Serve another published config's grids: the processor's and the model's config."""
+    """Serve a set of grids: the processor's and the model's config."""
     info.get_hf_config().image_grid_pinpoints = pinpoints
     model.config.image_grid_pinpoints = pinpoints
 
@@ -76,7 +87,7 @@ def check_case(info, family, model, width: int, height: int, options: dict | Non
     from vllm.exceptions import VLLMValidationError
 
     request = info.hivtp_request(options or {})
-    if family.pixel_bounds is not None:  # Qwen-VL
+    if family.layout == "merged":  # Qwen-VL
         try:
             stock = info.get_num_image_tokens(
                 image_width=width,
@@ -132,7 +143,7 @@ def check_case(info, family, model, width: int, height: int, options: dict | Non
 def test_placeholders_equal_emitted_embeddings(loaded, name, pinpoints):
     family = FAMILIES[name]
     info, model = loaded(name)
-    if pinpoints != "own":
+    if family.pinpoints:  # set each time: another case may have served other grids
         set_pinpoints(info, model, family.pinpoints[pinpoints])
     seen: dict[str, int] = {}
     seen_uniform.clear()
@@ -154,7 +165,7 @@ def test_placeholders_equal_emitted_embeddings(loaded, name, pinpoints):
         contract_holds = example(size=size, options={"hivtp_retain_ratio": 0.1})(contract_holds)
         contract_holds = example(size=size, options=None)(contract_holds)
     contract_holds()
-    print(f"{family.name} / {pinpoints}: {sum(seen.values())} cases, {seen}")
+    print(f"{family.title} / {pinpoints}: {sum(seen.values())} cases, {seen}")
     # The draw reaches every kind of outcome, so the test is not vacuous.
     assert seen.get("pruned", 0) > CASES // 4 and seen.get("400", 0) > 0
     assert len(seen_uniform) > CASES // 10  # the uniform baseline is drawn too

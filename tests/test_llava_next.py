@@ -1,4 +1,5 @@
-"""LLaVA-NeXT: exact counts per aspect ratio, scores and kept embeddings, served.
+"""LLaVA-NeXT: exact counts per aspect ratio, scores and kept embeddings, and the
+views with no tokens, served.
 
 Expected counts and layouts are computed here from transformers' own anyres
 helpers (``get_anyres_image_grid_shape``, ``unpad_image``), not from vLLM's
@@ -6,8 +7,6 @@ code or ours.
 """
 
 from __future__ import annotations
-
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -171,7 +170,9 @@ def test_kept_embeddings_and_newlines(next_llm, tiny_next):
 # -- server -----------------------------------------------------------------
 
 
-# The family's servers, shared with tests/test_served_families.py (conftest).
+# The family's servers, shared with tests/test_served_families.py (conftest),
+# which holds the server tests every family shares: counts by aspect ratio,
+# two images of different shapes, r = 1.0 as stock, mixed options at once.
 SERVED = pytest.mark.parametrize("family_servers", ["llava-next"], indirect=True)
 
 
@@ -179,66 +180,6 @@ SERVED = pytest.mark.parametrize("family_servers", ["llava-next"], indirect=True
 def next_servers(request, family_servers):
     """(plugin, stock) on each model runner."""
     return family_servers.pair(request.param)
-
-
-@pytest.mark.server
-@SERVED
-def test_served_counts_by_aspect_ratio(next_servers):
-    ours, stock = next_servers
-    for seed, (w, h) in enumerate(SIZES):
-        image = [image_data_url(100 + seed, w, h)]
-        full = prompt_tokens(stock.chat(image))
-        text = full - expected_tokens(w, h, None)
-        for r in (1.0, 0.5, 0.25):
-            kwargs = {"hivtp_retain_ratio": r}
-            assert prompt_tokens(ours.chat(image, kwargs)) == text + expected_tokens(w, h, kwargs)
-
-
-@pytest.mark.server
-@SERVED
-def test_served_full_ratio_matches_stock(next_servers):
-    ours, stock = next_servers
-    image = [image_data_url(200, 1000, 400)]
-    want = stock.chat(image, max_tokens=12).json()
-    for kwargs in (None, {"hivtp_retain_ratio": 1.0}):
-        got = ours.chat(image, kwargs, max_tokens=12).json()
-        assert got["choices"][0]["message"] == want["choices"][0]["message"]
-        assert got["usage"] == want["usage"]
-
-
-@pytest.mark.server
-@SERVED
-def test_served_concurrent_mixed(next_servers):
-    ours, stock = next_servers
-    jobs = []
-    for i, (w, h) in enumerate(SIZES * 2):
-        r = (1.0, 0.5, 0.25)[i % 3]
-        image = [image_data_url(300 + i, w, h)]
-        text = prompt_tokens(stock.chat(image, max_tokens=1)) - expected_tokens(w, h, None)
-        jobs.append(
-            (
-                image,
-                {"hivtp_retain_ratio": r},
-                text + expected_tokens(w, h, {"hivtp_retain_ratio": r}),
-            )
-        )
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        futures = [pool.submit(ours.chat, img, kw, max_tokens=4) for img, kw, _ in jobs]
-    for (_, kwargs, want), future in zip(jobs, futures, strict=True):
-        assert prompt_tokens(future.result()) == want, kwargs
-
-
-@pytest.mark.server
-@SERVED
-def test_served_two_images_of_different_shapes(next_servers):
-    ours, stock = next_servers
-    sizes = [(1000, 400), (300, 1200)]
-    images = [image_data_url(400 + i, w, h) for i, (w, h) in enumerate(sizes)]
-    full = prompt_tokens(stock.chat(images))
-    text = full - sum(expected_tokens(w, h, None) for w, h in sizes)
-    for kwargs in ({"hivtp_retain_ratio": 0.5}, {"hivtp_num_tokens": 100}):
-        want = text + sum(expected_tokens(w, h, kwargs) for w, h in sizes)
-        assert prompt_tokens(ours.chat(images, kwargs)) == want, kwargs
 
 
 @pytest.mark.server

@@ -1,4 +1,6 @@
-"""LLaVA-OneVision: counts by aspect ratio, scores and kept embeddings, served.
+"""LLaVA-OneVision: counts by aspect ratio, scores and kept embeddings.
+
+Its server tests are every family's (tests/test_served_families.py).
 
 Expected counts come from transformers' own OneVision processor
 (``_get_number_of_features``) and helpers (``get_anyres_image_grid_shape``,
@@ -9,7 +11,6 @@ vLLM's code or ours.
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -21,18 +22,9 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 import hivtp_vllm
 from hivtp_vllm.contract import Layout, Plan, to_fields
 from hivtp_vllm.pruning import num_retained, select_tokens
-from hivtp_vllm.tools.local_server import image_data_url, in_process_llm
-from tests.helpers import (
-    anyres_index,
-    chat_with_video,
-    noise,
-    process_one,
-    prompt_tokens,
-    stock_and_pruned,
-    video_data_url,
-)
+from hivtp_vllm.tools.local_server import in_process_llm
+from tests.helpers import anyres_index, noise, process_one, stock_and_pruned
 from tests.reference_scores import transformers_scores
-from tests.runners import RUNNERS
 
 BASE = 729  # 27 x 27 SigLIP patches at 384 px
 SIDE = 27
@@ -187,138 +179,6 @@ def test_scores_kept_embeddings_and_newlines(ov_llm, tiny_ov, pinpoints):
         assert torch.equal(pruned[i], stock[i][index]), (w, h)
         is_newline = (pruned[i] == newline).all(dim=1)
         assert int(is_newline.sum()) == hh and bool(is_newline[-1])
-
-
-# -- server -----------------------------------------------------------------
-
-
-# The family's servers, shared with tests/test_served_families.py (conftest).
-SERVED = pytest.mark.parametrize("family_servers", ["llava-onevision"], indirect=True)
-
-
-@pytest.fixture(params=RUNNERS)
-def ov_servers(request, family_servers):
-    """(plugin, stock) on each model runner."""
-    return family_servers.pair(request.param)
-
-
-@pytest.mark.server
-@SERVED
-def test_served_counts_by_aspect_ratio(ov_servers, pinpoints):
-    ours, stock = ov_servers
-    for seed, size in enumerate(SIZES):
-        image = [image_data_url(100 + seed, *size)]
-        full = prompt_tokens(stock.chat(image))
-        text = full - expected_tokens(size, None, pinpoints)
-        for kwargs in (
-            None,
-            {"hivtp_retain_ratio": 1.0},
-            {"hivtp_retain_ratio": 0.5},
-            {"hivtp_retain_ratio": 0.25},
-            {"hivtp_num_tokens": 100},
-        ):
-            want = text + expected_tokens(size, kwargs, pinpoints)
-            assert prompt_tokens(ours.chat(image, kwargs)) == want, (size, kwargs)
-
-
-@pytest.mark.server
-@SERVED
-def test_served_full_ratio_matches_stock(ov_servers):
-    ours, stock = ov_servers
-    image = [image_data_url(200, 2000, 1500)]
-    want = stock.chat(image, max_tokens=12).json()
-    for kwargs in (None, {"hivtp_retain_ratio": 1.0}):
-        got = ours.chat(image, kwargs, max_tokens=12).json()
-        assert got["choices"][0]["message"] == want["choices"][0]["message"]
-        assert got["usage"] == want["usage"]
-
-
-@pytest.mark.server
-@SERVED
-def test_served_concurrent_mixed(ov_servers, pinpoints):
-    ours, stock = ov_servers
-    jobs = []
-    for i, size in enumerate(SIZES * 2):
-        kwargs = (
-            {"hivtp_retain_ratio": 0.5},
-            {"hivtp_retain_ratio": 0.25},
-            {"hivtp_num_tokens": 50},
-        )[i % 3]
-        image = [image_data_url(300 + i, *size)]
-        text = prompt_tokens(stock.chat(image, max_tokens=1)) - expected_tokens(
-            size, None, pinpoints
-        )
-        jobs.append((image, kwargs, text + expected_tokens(size, kwargs, pinpoints)))
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        futures = [pool.submit(ours.chat, img, kw, max_tokens=4) for img, kw, _ in jobs]
-    for (_, kwargs, want), future in zip(jobs, futures, strict=True):
-        assert prompt_tokens(future.result()) == want, kwargs
-
-
-@pytest.mark.server
-@SERVED
-def test_bad_input_is_a_400(ov_servers):
-    ours, _ = ov_servers
-    image = [image_data_url(400, 384, 384)]  # base 729 + 27 x 27 + 27 newlines
-    for kwargs, key in (
-        ({"hivtp_retain_ratio": 0}, "hivtp_retain_ratio"),
-        ({"hivtp_num_tokens": 2 * BASE + 1}, "hivtp_num_tokens"),
-        ({"hivtp_num_tokens": 1}, "hivtp_num_tokens"),
-        ({"hivtp_global_fraction": -1}, "hivtp_global_fraction"),
-    ):
-        response = ours.chat(image, kwargs)
-        assert response.status_code == 400, response.text
-        assert response.json()["error"]["param"] == key
-    assert ours.alive() and prompt_tokens(ours.chat(image, {"hivtp_retain_ratio": 0.5})) > 0
-
-
-@pytest.mark.server
-@SERVED
-def test_videos_are_served_as_stock(ov_servers, pinpoints):
-    """hivtp keys apply to images only: a video's tokens and answer are stock's,
-    alone or next to a pruned image."""
-    ours, stock = ov_servers
-    video = video_data_url(500)
-    want = chat_with_video(stock, video, None, None).json()
-    for kwargs in (None, {"hivtp_retain_ratio": 0.25}):
-        got = chat_with_video(ours, video, None, kwargs).json()
-        assert got["usage"] == want["usage"], kwargs
-        assert got["choices"][0]["message"] == want["choices"][0]["message"]
-    image = image_data_url(501, 768, 384)
-    both = prompt_tokens(chat_with_video(stock, video, image, None))
-    pruned = prompt_tokens(chat_with_video(ours, video, image, {"hivtp_retain_ratio": 0.25}))
-    saved = expected_tokens((768, 384), None, pinpoints) - expected_tokens(
-        (768, 384), {"hivtp_retain_ratio": 0.25}, pinpoints
-    )
-    assert both - pruned == saved > 0
-
-
-@pytest.mark.server
-@SERVED
-def test_metrics_count_onevision_images_and_tokens(ov_servers, pinpoints):
-    from hivtp_vllm.tools.local_server import metric
-
-    ours, _ = ov_servers
-    model = {"model_name": ours.model}
-    before = ours.scrape()
-    sent = [
-        ((768, 384), {"hivtp_retain_ratio": 0.25}),
-        ((2000, 1500), {"hivtp_num_tokens": 300}),
-        ((200, 150), None),
-    ]
-    for seed, (size, kwargs) in enumerate(sent):
-        assert ours.chat([image_data_url(600 + seed, *size)], kwargs, max_tokens=1).ok
-    after = ours.scrape()
-
-    def delta(name: str, **labels: str) -> float:
-        return metric(after, name, **labels, **model) - metric(before, name, **labels, **model)
-
-    assert delta("hivtp_images_total") == len(sent)
-    full = sum(expected_tokens(size, None, pinpoints) for size, _ in sent)
-    kept = sum(expected_tokens(size, kwargs, pinpoints) for size, kwargs in sent)
-    assert delta("hivtp_visual_tokens_total", kind="input") == full
-    assert delta("hivtp_visual_tokens_total", kind="retained") == kept
-    assert delta("hivtp_pruning_seconds_count") >= 1
 
 
 def test_uniform_baseline_computes_no_scores(ov_llm, tiny_ov, pinpoints):

@@ -15,6 +15,8 @@ sys.path.insert(0, str(ROOT / "loadtest"))
 
 import runner  # noqa: E402
 
+from hivtp_vllm.families import FAMILIES  # noqa: E402
+
 
 def test_phases_parse_and_refuse_with_the_allowed_forms():
     names = ("1", "0.25", "k64", "uniform0.25", "uniform.5", "ceiling", "stock")
@@ -99,7 +101,7 @@ def test_arch_selects_checkpoints_phases_and_names(
     import hivtp_vllm.tools.checkpoints as checkpoints
 
     monkeypatch.setattr(checkpoints, "make_checkpoint", fake_make)
-    family = runner.FAMILIES[arch]
+    family = FAMILIES[arch]
     dirs = runner.ensure_models(tmp_path, "tiny", family)
     assert dirs["plugin"] == dirs["stock"] == tmp_path / f"tiny-{arch}"
     want = [(f"tiny-{arch}", "tiny", arch, None)]
@@ -124,7 +126,22 @@ def test_arch_selects_checkpoints_phases_and_names(
         assert "--max-model-len 8192" in plan
         with pytest.raises(SystemExit):
             runner.main([f"--arch={arch}", "--phases=1.0,ceiling", "--plan"])
-        assert family.ceiling_note in capsys.readouterr().err
+        assert family.load.ceiling_note in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", FAMILIES.values(), ids=list(FAMILIES))
+def test_every_row_of_the_table_plans_from_its_own_defaults(family, tmp_path, capsys):
+    """A new row needs no change to the runner: its plan comes from ``family.load``."""
+    assert runner.main([f"--arch={family.name}", f"--models={tmp_path}", "--plan"]) == 0
+    plan = capsys.readouterr().out
+    assert plan.startswith(f"[runner] {family.title}: 1 x ")
+    assert f"images {family.load.image_sizes};" in plan
+    assert f"section load-{family.slug} of" in plan
+    assert f"server args {' '.join(family.load.server_args) or '(none)'};" in plan
+    assert f"bench-{family.name}" in plan
+    ceiling = f"ceiling on {tmp_path / f'bench-{family.name}-{family.load.ceiling_px}'}"
+    assert (ceiling in plan) == ("ceiling" in family.load.phases.split(","))
+    assert not list(tmp_path.iterdir())  # a plan makes no checkpoint
 
 
 def test_percentile_matches_linear_interpolation():

@@ -56,7 +56,7 @@ def placeholder_lengths(result) -> list[int]:
 
 
 def test_plugin_processor_is_registered(make_processor):
-    from hivtp_vllm.processor import HivtpLlavaMultiModalProcessor
+    from hivtp_vllm.models.llava import HivtpLlavaMultiModalProcessor
 
     assert isinstance(make_processor(), HivtpLlavaMultiModalProcessor)
 

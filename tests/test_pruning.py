@@ -3,7 +3,7 @@
 Two kinds of checks:
 
 * exact agreement with ``spec_reference`` (a plain-Python, loop-by-loop
-  transcription of sections 2 and 3 of the spec) over many grids, budgets,
+  transcription of sections 2 and 3 of the spec, docs/spec.md) over many grids, budgets,
   region layouts and global fractions, with and without score ties;
 * hand-worked cases whose expected output is derived in the comments, so the
   reference itself is checked too.
@@ -676,7 +676,7 @@ def test_reference_rejects_invalid():
         reference_select(grid, 4, global_fraction=1.5)
 
 
-# -- the uniform baseline (spec section 6, docs/algorithm.md) -------------------
+# -- the uniform baseline (docs/spec.md section 6, docs/algorithm.md) -------------------
 
 UNIFORM_CASES = [(24, 24, k) for k in (1, 2, 64, 144, 288, 575, 576)] + [
     (19, 48, 100),

@@ -149,7 +149,7 @@ def test_both_runners_reach_the_position_hook_through_one_gate():
     ``is_multimodal_pruning_enabled()`` is true: the one gate the plugin's
     models open (vllm_compat.open_mrope_pruning_hook). V1 keeps the tensor
     ``get_mrope_input_positions`` returned and hands it back at every step
-    (the decoding offset rides on it, models/qwen.with_delta)."""
+    (the decoding offset rides on it, vllm_compat.remember_decode_offset)."""
     import inspect
 
     from vllm.v1.worker.gpu.model_states import mm_pruning

@@ -1,8 +1,8 @@
-"""Qwen2.5-VL and Qwen3-VL: scores, kept embeddings, M-RoPE positions, servers.
+"""Qwen2.5-VL and Qwen3-VL: scores, kept embeddings, M-RoPE positions.
 
 References are independent of the code under test: transformers' own
 Qwen2.5-VL (eager attention, ``get_rope_index``) on the same random-weight
-checkpoint, and stock vLLM with the plugin not loaded.
+checkpoint. The server tests are every family's (tests/test_served_families.py).
 """
 
 from __future__ import annotations
@@ -18,10 +18,9 @@ from hivtp_vllm.pruning import (
     uniform_tokens,
     windowed_band,
 )
-from hivtp_vllm.tools.local_server import image_data_url, in_process_llm
-from tests.helpers import chat_with_video, noise, prompt_tokens, video_data_url
+from hivtp_vllm.tools.local_server import in_process_llm
+from tests.helpers import noise
 from tests.reference_scores import qwen_transformers_scores
-from tests.runners import RUNNERS
 
 MAX_LEN = 4096
 # Pixels per merged token side: patch 14 (Qwen2.5-VL) or 16 (Qwen3-VL) x merge 2.
@@ -298,123 +297,3 @@ def test_conflicting_server_options_are_refused_at_start(tiny_qwen, option, says
         with in_process_llm(tiny_qwen, max_model_len=MAX_LEN, **option):
             pass
     assert says in str(info.value) or says in repr(info.getrepr())
-
-
-# -- server -----------------------------------------------------------------
-
-
-# The families' servers, shared with tests/test_served_families.py (conftest).
-SERVED = pytest.mark.parametrize("family_servers", ["qwen2.5-vl", "qwen3-vl"], indirect=True)
-
-
-@pytest.fixture(params=RUNNERS)
-def qwen_servers(request, family_servers):
-    """(plugin, stock) on each model runner."""
-    return family_servers.pair(request.param)
-
-
-@pytest.fixture
-def served_arch(family_servers) -> str:
-    return family_servers.family.arch
-
-
-def expected_tokens(arch: str, size: tuple[int, int], kwargs: dict | None) -> int:
-    rows, cols = merged_grid(arch, *size)
-    n = rows * cols
-    if not kwargs:
-        return n
-    if "hivtp_num_tokens" in kwargs:
-        return kwargs["hivtp_num_tokens"]
-    return num_retained(n, kwargs["hivtp_retain_ratio"])
-
-
-@pytest.mark.server
-@SERVED
-def test_served_counts_and_full_ratio_matches_stock(qwen_servers, served_arch):
-    ours, stock = qwen_servers
-    images = [image_data_url(70 + i, w, h) for i, (w, h) in enumerate(SIZES)]
-    want = stock.chat(images).json()
-    text = want["usage"]["prompt_tokens"] - sum(
-        expected_tokens(served_arch, s, None) for s in SIZES
-    )
-    for kwargs in (None, {"hivtp_retain_ratio": 1.0}):
-        got = ours.chat(images, kwargs).json()
-        assert got["usage"] == want["usage"]
-        assert got["choices"][0]["message"] == want["choices"][0]["message"]
-    for kwargs in (
-        {"hivtp_retain_ratio": 0.5},
-        {"hivtp_retain_ratio": 0.25},
-        {"hivtp_num_tokens": 9},
-        {"hivtp_retain_ratio": 0.25, "hivtp_selection": "uniform"},
-    ):
-        visual = sum(expected_tokens(served_arch, s, kwargs) for s in SIZES)
-        assert prompt_tokens(ours.chat(images, kwargs)) == text + visual, kwargs
-
-
-@pytest.mark.server
-@SERVED
-def test_bad_input_is_a_400_and_the_server_stays_up(qwen_servers):
-    ours, _ = qwen_servers
-    image = image_data_url(80, 448, 448)
-    for kwargs, key in (
-        ({"hivtp_retain_ratio": 0}, "hivtp_retain_ratio"),
-        ({"hivtp_num_tokens": 10**6}, "hivtp_num_tokens"),
-        ({"hivtp_selection": "best"}, "hivtp_selection"),
-    ):
-        response = ours.chat([image], kwargs)
-        assert response.status_code == 400, response.text
-        assert response.json()["error"]["param"] == key
-    assert prompt_tokens(ours.chat([image], {"hivtp_retain_ratio": 0.5})) > 0
-
-
-@pytest.mark.server
-@SERVED
-def test_videos_are_served_as_stock(qwen_servers, served_arch):
-    """hivtp keys apply to images only: a video's tokens and answer are stock's,
-    alone or next to a pruned image (whose positions are rewritten after the
-    tower while the video's stay as vLLM made them)."""
-    ours, stock = qwen_servers
-    video = video_data_url(90, frames=4, size=(112, 112))
-    want = chat_with_video(stock, video, None, None).json()
-    for kwargs in (None, {"hivtp_retain_ratio": 0.25}):
-        got = chat_with_video(ours, video, None, kwargs).json()
-        assert got["usage"] == want["usage"], kwargs
-        assert got["choices"][0]["message"] == want["choices"][0]["message"]
-    image = image_data_url(91, *SIZES[0])
-    both = prompt_tokens(chat_with_video(stock, video, image, None))
-    pruned = prompt_tokens(chat_with_video(ours, video, image, {"hivtp_retain_ratio": 0.25}))
-    saved = expected_tokens(served_arch, SIZES[0], None) - expected_tokens(
-        served_arch, SIZES[0], {"hivtp_retain_ratio": 0.25}
-    )
-    assert both - pruned == saved > 0
-
-
-@pytest.mark.server
-@SERVED
-def test_metrics_count_qwen_images_and_tokens(qwen_servers, served_arch):
-    from hivtp_vllm.tools.local_server import metric
-
-    ours, _ = qwen_servers
-    before = ours.scrape()
-    images = [image_data_url(95 + i, w, h) for i, (w, h) in enumerate(SIZES)]
-    kwargs = {"hivtp_retain_ratio": 0.25}
-    uniform = {**kwargs, "hivtp_selection": "uniform"}
-    assert ours.chat(images, kwargs).status_code == 200
-    assert ours.chat(images[:1], uniform).status_code == 200
-    after = ours.scrape()
-    labels = {"model_name": ours.model}
-
-    def delta(name: str, **more: str) -> float:
-        return metric(after, name, **more, **labels) - metric(before, name, **more, **labels)
-
-    assert delta("hivtp_images_total", selection="hivtp") == len(SIZES)
-    assert delta("hivtp_images_total", selection="uniform") == 1
-    assert delta("hivtp_visual_tokens_total", kind="input", selection="hivtp") == sum(
-        expected_tokens(served_arch, s, None) for s in SIZES
-    )
-    assert delta("hivtp_visual_tokens_total", kind="retained", selection="hivtp") == sum(
-        expected_tokens(served_arch, s, kwargs) for s in SIZES
-    )
-    assert delta("hivtp_visual_tokens_total", kind="retained", selection="uniform") == (
-        expected_tokens(served_arch, SIZES[0], uniform)
-    )

@@ -1,28 +1,43 @@
 """Every family, served on both of vLLM's model runners (V1 and V2).
 
 Model Runner V2 is what every GPU runs; the CPU build runs V1, and V2 runs
-here through the test-only shim (tests/runners.py). For each family, four
-servers of one random checkpoint: the plugin and stock vLLM (the plugin not
-loaded), on each runner.
+here through the test-only shim (tests/runners.py). For each family (a row of
+hivtp_vllm/families.py), four servers of one random checkpoint: the plugin
+and stock vLLM (the plugin not loaded), on each runner (``family_servers``).
+Expected counts come from transformers' helpers and the spec
+(tests/count_contract.py), not from the plugin's processor; what differs
+between families (which image sizes are worth sending) follows the row's
+layout and tile size, not its name.
 
+- Counts by aspect ratio: each image alone and two of different shapes in
+  one request, under every option, give stock's text tokens plus the
+  reference's visual tokens (or a 400 naming the key); no option and r = 1.0
+  give stock's answer and usage exactly; mixed options sent at once each get
+  their own count.
+- Bad input: each bad option is a 400 naming the key, and the server keeps
+  serving. Videos (families that take them) are served as stock serves them,
+  alone or next to a pruned image. The metrics count the images and visual
+  tokens the reference expects, by selection.
 - Server fuzz: extreme and random image shapes with mixed options,
   concurrently. Every response is either 200 with exactly the expected
   ``prompt_tokens`` or a 4xx naming the key, the server keeps answering
   afterwards, and with no hivtp keys every shape gets stock vLLM's status and
-  ``prompt_tokens`` on the same runner. Expected counts come from
-  transformers' helpers and the spec (tests/count_contract.py), not from the
-  plugin's processor.
+  ``prompt_tokens`` on the same runner.
 - Runners agree: the same requests (r = 1.0, 0.5, 0.25, a budget, uniform,
   two images, a video where the family takes one) give the same
   ``prompt_tokens``, the same greedy tokens and the same logprobs (float32
   tolerance) on V1 and V2, and r = 1.0 gives what stock vLLM gives on the
   same runner.
+
+Tests of one family alone (LLaVA-NeXT's views with no tokens, LLaVA-1.5's
+caches, server defaults and streaming, Qwen-VL's positions) stay in its module.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import math
 import random
 from concurrent.futures import ThreadPoolExecutor
 
@@ -30,14 +45,303 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from hivtp_vllm.tools.local_server import image_data_url, metric
 from tests.count_contract import EXTREME_SIZES, FAMILIES, reference_tokens, reference_views
-from tests.helpers import media_chat, video_data_url
+from tests.helpers import chat_with_video, media_chat, prompt_tokens, video_data_url
 from tests.runners import RUNNERS
 
-pytestmark = [
-    pytest.mark.server,
-    pytest.mark.parametrize("family_servers", list(FAMILIES), indirect=True),
+pytestmark = pytest.mark.server
+
+# Each family's shared servers (tests/conftest.py): every family, or those that take videos.
+EVERY_FAMILY = pytest.mark.parametrize("family_servers", list(FAMILIES), indirect=True)
+WITH_VIDEOS = pytest.mark.parametrize(
+    "family_servers", [name for name, f in FAMILIES.items() if f.videos], indirect=True
+)
+BOTH_RUNNERS = pytest.mark.parametrize("runner", RUNNERS)
+
+R, K, G, S = "hivtp_retain_ratio", "hivtp_num_tokens", "hivtp_global_fraction", "hivtp_selection"
+
+# -- image sizes worth serving, from the family's layout ---------------------
+
+# Qwen-VL resizes an image to multiples of its merged token's side (28 px for
+# Qwen2.5-VL, 32 for Qwen3-VL) within its pixel bounds: multiples of this are
+# kept as they are by every merged family.
+MERGED_PX = math.lcm(*(f.unit for f in FAMILIES.values() if f.layout == "merged"))
+
+
+def square(family) -> int:
+    """Side of a square image of one view (LLaVA layouts) or of MERGED_PX (Qwen-VL)."""
+    return MERGED_PX if family.layout == "merged" else family.tile
+
+
+def served_sizes(family) -> list[tuple[int, int]]:
+    """(width, height) of the images whose counts are checked; the first two
+    also go together in one request, the last is the largest."""
+    t = square(family)
+    if family.layout == "single":  # one grid whatever the image's size
+        return [(t, t), (2 * t, t)]
+    if family.layout == "merged":
+        # A wide and a tall one that smart_resize keeps, then ones it resizes:
+        # 5:2, smaller than the lower pixel bound of some, larger than the upper.
+        return [(2 * t, t), (t, 3 * t), (1000, 400), (200, 150), (2000, 1500)]
+    # anyres: 5:2 and 1:4 (unpadded high-res grids), a tile, 2:1, 1:2 and 5:2
+    # of tiles, smaller than a tile, and one whose grid takes more than 9
+    # tiles (OneVision's anyres_max_9 shrinks it).
+    return [
+        (1000, 400),
+        (300, 1200),
+        (t, t),
+        (2 * t, t),
+        (t, 2 * t),
+        (5 * t // 2, t),
+        (200, 150),
+        (2000, 1500),
+    ]
+
+
+def visual(family, size: tuple[int, int], options: dict | None) -> int | None:
+    """The reference's visual tokens of one image under ``options`` (None: a 400)."""
+    sizes, newlines = reference_views(family, *size, family.own_pinpoints)
+    return reference_tokens(sizes, newlines, options)
+
+
+def ok(response) -> dict:
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def assert_refused(response, key: str) -> None:
+    """A 400 that names ``key`` (the parameter and the message)."""
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == key, error
+    assert key in error["message"], error
+
+
+# Every option whose count is checked on every image of every family.
+COUNTED = [
+    None,
+    {R: 1.0},
+    {R: 0.5},
+    {R: 0.25},
+    {K: 9},
+    {K: 64},
+    {K: 100},
+    {R: 0.25, S: "uniform"},
 ]
+
+
+@EVERY_FAMILY
+@BOTH_RUNNERS
+def test_served_counts_by_aspect_ratio(family_servers, runner):
+    """Each image alone, and two of different shapes in one prompt: every
+    option's ``prompt_tokens`` is stock's text tokens plus the reference's
+    visual tokens (with no option and r = 1.0, stock's own count), or a 400
+    naming the budget where the reference has it out of range."""
+    family = family_servers.family
+    ours, stock = family_servers.pair(runner)
+    sizes = served_sizes(family)
+    for seed, shapes in enumerate([[size] for size in sizes] + [sizes[:2]]):
+        images = [image_data_url(100 + 10 * seed + i, *size) for i, size in enumerate(shapes)]
+        full = prompt_tokens(stock.chat(images))
+        text = full - sum(visual(family, size, None) for size in shapes)
+        for options in COUNTED:
+            want = [visual(family, size, options) for size in shapes]
+            response = ours.chat(images, options)
+            if None in want:
+                assert_refused(response, K)
+                continue
+            assert prompt_tokens(response) == text + sum(want), (shapes, options)
+
+
+@EVERY_FAMILY
+@BOTH_RUNNERS
+def test_served_full_ratio_matches_stock(family_servers, runner):
+    """No option and r = 1.0 are stock vLLM: the same answer and usage, for
+    one image of the first and of the largest size and for two images."""
+    ours, stock = family_servers.pair(runner)
+    sizes = served_sizes(family_servers.family)
+    for seed, shapes in enumerate(([sizes[0]], [sizes[-1]], sizes[:2])):
+        images = [image_data_url(200 + 10 * seed + i, *size) for i, size in enumerate(shapes)]
+        want = ok(stock.chat(images, max_tokens=16))
+        for kwargs in (None, {R: 1.0}):
+            got = ok(ours.chat(images, kwargs, max_tokens=16))
+            assert got["choices"][0]["message"] == want["choices"][0]["message"], (shapes, kwargs)
+            assert got["usage"] == want["usage"], (shapes, kwargs)
+
+
+# Sent together, each with its own options.
+MIXED = [
+    {R: 0.5},
+    {R: 0.25},
+    {K: 64},
+    {R: 1.0},
+    None,
+    {R: 0.1},
+    {K: 1},
+    {R: 0.75, G: 0.0},
+    {R: 0.3, G: 1.0},
+    {K: 500},
+    {K: 50},
+]
+
+
+@EVERY_FAMILY
+@BOTH_RUNNERS
+def test_served_concurrent_mixed(family_servers, runner):
+    """Every size twice and every option once, one image a request, and every
+    other option on two images, all at once: each request gets its own count
+    (or a 400 naming the budget where the reference has it out of range)."""
+    family = family_servers.family
+    ours, stock = family_servers.pair(runner)
+    sizes = served_sizes(family)
+    jobs = [
+        ([sizes[i % len(sizes)]], MIXED[i % len(MIXED)])
+        for i in range(max(len(MIXED), 2 * len(sizes)))
+    ]
+    jobs += [(sizes[:2], options) for i, options in enumerate(MIXED) if i % 2]
+    text = {}  # stock's text tokens per prompt shape
+    for shapes, _ in jobs:
+        if tuple(shapes) not in text:
+            images = [image_data_url(290 + i, *size) for i, size in enumerate(shapes)]
+            full = prompt_tokens(stock.chat(images, max_tokens=1))
+            text[tuple(shapes)] = full - sum(visual(family, size, None) for size in shapes)
+    bodies = [
+        ([image_data_url(300 + 10 * j + i, *size) for i, size in enumerate(shapes)], options)
+        for j, (shapes, options) in enumerate(jobs)
+    ]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        futures = [pool.submit(ours.chat, img, kw, max_tokens=6) for img, kw in bodies]
+    served = 0
+    for (shapes, options), future in zip(jobs, futures, strict=True):
+        want = [visual(family, size, options) for size in shapes]
+        if None in want:
+            assert_refused(future.result(), K)
+            continue
+        assert prompt_tokens(future.result()) == text[tuple(shapes)] + sum(want), (
+            shapes,
+            options,
+        )
+        served += 1
+    assert served > len(jobs) // 2, (served, len(jobs))  # most options fit every size
+
+
+def bad_options(family) -> list[tuple[dict, str]]:
+    """(options, the key a 400 names) for an image of ``square`` px."""
+    t = square(family)
+    sizes, _ = reference_views(family, t, t, family.own_pinpoints)
+    grid, views = sum(sizes), sum(1 for n in sizes if n > 0)
+    bad = [
+        ({R: 0}, R),
+        ({R: -0.5}, R),
+        ({R: 1.5}, R),
+        ({R: "NaN"}, R),
+        ({R: "half"}, R),
+        ({K: 0}, K),
+        ({K: grid + 1}, K),  # more than the grids hold
+        ({K: 10**6}, K),
+        ({R: 0.5, K: 64}, K),  # a ratio and a budget
+        ({"hivtp_keep": 0.5}, "hivtp_keep"),
+        ({G: 2}, G),
+        ({G: -1}, G),
+        ({S: "best"}, S),
+    ]
+    if views > 1:  # fewer tokens than views: each non-empty view keeps one
+        bad.append(({K: views - 1}, K))
+    return bad
+
+
+@EVERY_FAMILY
+@BOTH_RUNNERS
+def test_bad_input_is_a_400_and_the_server_stays_up(family_servers, runner):
+    family = family_servers.family
+    ours, _ = family_servers.pair(runner)
+    t = square(family)
+    image = [image_data_url(400, t, t)]
+    for kwargs, key in bad_options(family):
+        assert_refused(ours.chat(image, kwargs, max_tokens=1), key)
+        assert ours.alive(), kwargs
+        assert prompt_tokens(ours.chat(image, {R: 0.5})) > 0, kwargs
+
+
+@WITH_VIDEOS
+@BOTH_RUNNERS
+def test_videos_are_served_as_stock(family_servers, runner):
+    """hivtp keys apply to images only: a video's tokens and answer are stock's,
+    alone or next to a pruned image (for Qwen-VL, whose positions are
+    rewritten after the tower while the video's stay as vLLM made them)."""
+    family = family_servers.family
+    ours, stock = family_servers.pair(runner)
+    t = square(family)
+    # Frames of one tile (LLaVA-OneVision resizes them to it); Qwen-VL's
+    # video tokens grow with the frames, so small ones.
+    frame = t // 2 if family.layout == "merged" else t
+    video = video_data_url(500, frames=4, size=(frame, frame))
+    want = ok(chat_with_video(stock, video, None, None))
+    for kwargs in (None, {R: 0.25}):
+        got = ok(chat_with_video(ours, video, None, kwargs))
+        assert got["usage"] == want["usage"], kwargs
+        assert got["choices"][0]["message"] == want["choices"][0]["message"], kwargs
+    size = (2 * t, t)
+    image = image_data_url(501, *size)
+    both = prompt_tokens(chat_with_video(stock, video, image, None))
+    pruned = prompt_tokens(chat_with_video(ours, video, image, {R: 0.25}))
+    saved = visual(family, size, None) - visual(family, size, {R: 0.25})
+    assert both - pruned == saved > 0
+
+
+@EVERY_FAMILY
+@BOTH_RUNNERS
+def test_metrics_count_images_and_tokens(family_servers, runner):
+    """/metrics counts each request's images and their visual tokens, input
+    and retained, by selection (the reference's counts), and the model's
+    pruning time."""
+    family = family_servers.family
+    ours, _ = family_servers.pair(runner)
+    sizes = served_sizes(family)
+    sent = [  # (image sizes of one request, options, selection)
+        (sizes[:2], {R: 0.25}, "hivtp"),
+        (sizes[:1], {R: 0.25, S: "uniform"}, "uniform"),
+        (sizes[-1:], {K: 300}, "hivtp"),
+        ([(200, 150)], None, "hivtp"),
+    ]
+    before = ours.scrape()
+    for j, (shapes, options, _) in enumerate(sent):
+        images = [image_data_url(600 + 10 * j + i, *size) for i, size in enumerate(shapes)]
+        ok(ours.chat(images, options, max_tokens=1))
+    after = ours.scrape()
+    labels = {"model_name": ours.model}
+
+    def delta(name: str, **more: str) -> float:
+        return metric(after, name, **more, **labels) - metric(before, name, **more, **labels)
+
+    def total(selection: str | None, options_of: bool) -> int:
+        """The reference's visual tokens of what was sent with ``selection``
+        (None: all), retained (``options_of``) or input."""
+        return sum(
+            visual(family, size, options if options_of else None)
+            for shapes, options, chosen in sent
+            for size in shapes
+            if selection in (None, chosen)
+        )
+
+    images = {
+        selection: sum(len(s) for s, _, chosen in sent if chosen == selection)
+        for selection in ("hivtp", "uniform")
+    }
+    assert delta("hivtp_images_total") == images["hivtp"] + images["uniform"] == 5
+    for selection, count in images.items():
+        assert delta("hivtp_images_total", selection=selection) == count, selection
+        for kind, retained in (("input", False), ("retained", True)):
+            want = total(selection, retained)
+            assert delta("hivtp_visual_tokens_total", kind=kind, selection=selection) == want
+    assert delta("hivtp_visual_tokens_total", kind="input") == total(None, False)
+    assert delta("hivtp_visual_tokens_total", kind="retained") == total(None, True)
+    assert total(None, True) < total(None, False)
+    assert delta("hivtp_pruning_seconds_count") >= 1
+
+
+# -- server fuzz --------------------------------------------------------------
 
 # The property tests' extreme shapes (less the one at the pixel limit: a
 # 179-megapixel PNG is slow to make and send) and a few more.
@@ -97,7 +401,8 @@ def status_and_tokens(response) -> tuple[int, int | None, dict]:
     return response.status_code, tokens, body
 
 
-@pytest.mark.parametrize("runner", RUNNERS)
+@EVERY_FAMILY
+@BOTH_RUNNERS
 def test_fuzz_shapes_and_options(family_servers, runner):
     family = family_servers.family
     ours, stock = family_servers.pair(runner)
@@ -203,6 +508,7 @@ def compared(family) -> list[tuple]:
     return [c for c in COMPARED if not c[3] or family.videos]
 
 
+@EVERY_FAMILY
 def test_runners_agree_and_full_ratio_is_stock(family_servers):
     family, started = family_servers.family, family_servers.servers
     answers = {
@@ -211,8 +517,8 @@ def test_runners_agree_and_full_ratio_is_stock(family_servers):
     }
     for name, *_ in compared(family):
         v1, v2 = answers["V1"][name], answers["V2"][name]
-        assert v1["prompt_tokens"] == v2["prompt_tokens"], (family.arch, name)
-        assert v1["tokens"] == v2["tokens"], (family.arch, name)
+        assert v1["prompt_tokens"] == v2["prompt_tokens"], (family.name, name)
+        assert v1["tokens"] == v2["tokens"], (family.name, name)
         assert v1["logprobs"] == pytest.approx(v2["logprobs"], abs=LOGPROB_TOLERANCE), name
     # Pruning really happened, and the options really differ.
     full = answers["V1"]["r=1.0"]["prompt_tokens"]

@@ -10,19 +10,64 @@ spatial transform its features go through. Every row keeps its newline,
 after that row's kept tokens, so the language model still sees the row
 structure. Images whose plans keep everything take the stock path.
 
-A family provides two hooks: :meth:`hivtp_highres_scores` (tile scores to
-the grid the language model receives) and :meth:`hivtp_merge` (vLLM's own
+The processing info counts the views as vLLM lays them out
+(:class:`HivtpAnyresInfoMixin`); the model provides two hooks:
+:meth:`HivtpAnyresMixin.hivtp_highres_scores` (tile scores to the grid the
+language model receives) and :meth:`HivtpAnyresMixin.hivtp_merge` (vLLM's own
 merge of one image's tile embeddings).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 
 import torch
 
-from hivtp_vllm.contract import Plan
+from hivtp_vllm.contract import Layout, Plan
+from hivtp_vllm.models.common import pruned_images
+from hivtp_vllm.processor import NO_KWARGS, HivtpInfoMixin
 from hivtp_vllm.views import stitch
+
+
+class HivtpAnyresInfoMixin(HivtpInfoMixin):
+    """The anyres families: the base view, the high-res grid, and its newlines."""
+
+    def hivtp_layout(
+        self, *, image_width: int, image_height: int, mm_kwargs: Mapping[str, object] = NO_KWARGS
+    ) -> Layout:
+        """Views exactly as vLLM counts them (``_get_num_unpadded_features``,
+        which for OneVision includes the ``anyres_max_9`` shrink).
+
+        An extreme aspect ratio can leave the unpadded grid with no rows
+        (a wide image: no newlines either) or no columns (a tall one: one
+        newline per row all the same); that view then has no tokens.
+        """
+        from transformers.models.llava_next.modeling_llava_next import (
+            get_anyres_image_grid_shape,
+        )
+
+        encoder = self.get_vision_encoder_info()  # type: ignore[attr-defined]
+        side = encoder.get_patch_grid_length()
+        tiles = get_anyres_image_grid_shape(
+            image_size=(image_height, image_width),
+            grid_pinpoints=self.get_hf_config().image_grid_pinpoints,  # type: ignore[attr-defined]
+            patch_size=encoder.get_image_size(),
+        )
+        features, rows = self._get_num_unpadded_features(  # type: ignore[attr-defined]
+            original_height=image_height,
+            original_width=image_width,
+            npatches=side,
+            num_patch_height=tiles[0],
+            num_patch_width=tiles[1],
+        )
+        # With no rows the crop took the height, so the width is uncropped.
+        cols = features // rows if rows else side * tiles[1]
+        return Layout(
+            grids=((side, side), (rows, cols)),
+            newlines=rows,
+            tiles=(int(tiles[0]), int(tiles[1])),
+        )
 
 
 def newline_layout(kept: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -61,7 +106,7 @@ class HivtpAnyresMixin:
 
     def hivtp_embed_images(self, image_input: dict, plans: Sequence[Plan] | None):
         """The images' embeddings, pruned where their plans say so."""
-        pruned = [i for i, plan in enumerate(plans or []) if plan.prunes]
+        pruned, scored = pruned_images(plans)
         if not pruned or image_input["type"] != "pixel_values":
             return self._process_image_input(image_input)  # type: ignore[attr-defined]
         pixel_values = image_input["pixel_values"]
@@ -69,28 +114,18 @@ class HivtpAnyresMixin:
             pixel_values = list(pixel_values.unbind(0))
         tiles_per_image = [p.shape[0] for p in pixel_values]
         starts = torch.tensor([0, *tiles_per_image]).cumsum(0).tolist()
-        # Scores only for the images HIVTP selects on (the uniform baseline
-        # needs none); they come back for those images' tiles, in order.
-        scored = [i for i in pruned if not plans[i].uniform]
-        tiles = torch.cat(pixel_values)
-        if scored:
-            rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in scored])
-            with self.hivtp_recorder.recording(rows):  # type: ignore[attr-defined]
-                features = self._image_pixels_to_features(  # type: ignore[attr-defined]
-                    self.vision_tower,  # type: ignore[attr-defined]
-                    tiles,
-                )
-            split = torch.split(
-                self.hivtp_recorder.patch_scores(),  # type: ignore[attr-defined]
-                [tiles_per_image[i] for i in scored],
-            )
-            scores = dict(zip(scored, split, strict=True))
-        else:
+        recorder = self.hivtp_recorder  # type: ignore[attr-defined]
+        # Scores come back for the scored images' tiles, in order.
+        rows = [torch.arange(starts[i], starts[i + 1]) for i in scored]
+        with recorder.recording(torch.cat(rows)) if scored else nullcontext():
             features = self._image_pixels_to_features(  # type: ignore[attr-defined]
                 self.vision_tower,  # type: ignore[attr-defined]
-                tiles,
+                torch.cat(pixel_values),
             )
-            scores = {}
+        scores = {}
+        if scored:
+            split = torch.split(recorder.patch_scores(), [tiles_per_image[i] for i in scored])
+            scores = dict(zip(scored, split, strict=True))
         embeds = self.multi_modal_projector(features)  # type: ignore[attr-defined]
         return self.hivtp_emit(
             torch.split(embeds, tiles_per_image),
@@ -115,28 +150,20 @@ class HivtpAnyresMixin:
         newlines), then the kept positions are gathered; the count property
         tests run this on random tensors.
         """
-        grids, view_scores, view_keep, view_fraction = [], [], [], []
+        views = {}
         for i, scores in tile_scores.items():
-            plan = plans[i]
-            base, highres = plan.layout.grids
-            grids += [base, highres]
-            if scores is None:  # the uniform baseline: no scores
-                view_scores += [None, None]
-            else:
-                view_scores.append(scores[0].view(base))
-                grid = self.hivtp_highres_scores(scores[1:], plan, image_size(image_sizes[i]))
-                view_scores.append(grid.reshape(highres))
-            view_keep += plan.keep
-            view_fraction += [plan.global_fraction] * 2
+            if scores is not None:
+                size = image_size(image_sizes[i])
+                scores = [scores[0], self.hivtp_highres_scores(scores[1:], plans[i], size)]
+            views[i] = scores
         device = tile_embeds[0].device if tile_embeds else torch.device("cpu")
-        kept = self._hivtp_select(  # type: ignore[attr-defined]
-            grids, view_scores, view_keep, view_fraction, device
-        )
+        kept = self._hivtp_select(plans, views, device)  # type: ignore[attr-defined]
 
         out = [self.hivtp_merge(image_sizes[i], embeds) for i, embeds in enumerate(tile_embeds)]
-        for n, i in enumerate(tile_scores):
+        for i, (base, highres) in kept.items():
             (base_rows, base_cols), (height, width) = plans[i].layout.grids
-            highres = newline_layout(kept[2 * n + 1], height, width)
-            index = torch.cat([kept[2 * n], base_rows * base_cols + highres])
+            index = torch.cat(
+                [base, base_rows * base_cols + newline_layout(highres, height, width)]
+            )
             out[i] = out[i][index.to(out[i].device)]
         return out

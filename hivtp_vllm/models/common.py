@@ -16,7 +16,7 @@ these models do.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -53,24 +53,49 @@ class HivtpSelectMixin:
         mm_config = vllm_config.model_config.multimodal_config
         histogram = metrics.pruning_histogram(vllm_config.model_config.served_model_name)
         self.hivtp_timer = PruningTimer(histogram.observe)
-        self.hivtp_counted = True  # set per forward from the plans' warm-up marker
         self.hivtp_server = params.parse_server(
             mm_config.mm_processor_kwargs if mm_config else None
         )
 
     def _hivtp_select(
         self,
-        grids: Sequence[tuple[int, int]],
-        scores: Sequence[torch.Tensor | None],
-        keep: Sequence[int],
-        fractions: Sequence[float],
+        plans: Sequence[Plan],
+        views: Mapping[int, Sequence[torch.Tensor] | None],
         device: torch.device,
-    ) -> list[torch.Tensor]:
-        """:func:`select_views`, timed with the scoring into the metrics."""
+    ) -> dict[int, list[torch.Tensor]]:
+        """Kept flat indices of each view of each image in ``views``.
+
+        ``views[i]`` holds image ``i``'s score maps, one a view in the order
+        of ``plans[i].layout.grids`` (any shape of that many scores), or None
+        where it takes the uniform baseline (no scores). One batched
+        :func:`select_views` call for the whole forward, timed with the
+        scoring into the metrics unless ``plans`` are vLLM's warm-up items.
+        """
+        grids, maps, keep, fractions = [], [], [], []
+        for i, scores in views.items():
+            plan = plans[i]
+            for v, grid in enumerate(plan.layout.grids):
+                grids.append(grid)
+                maps.append(None if scores is None else scores[v].reshape(grid))
+                keep.append(plan.keep[v])
+                fractions.append(plan.global_fraction)
         with self.hivtp_timer.span(device):
-            kept = select_views(grids, scores, keep, fractions, self.hivtp_server.regions, device)
-        self.hivtp_timer.finish(self.hivtp_counted)
-        return kept
+            kept = select_views(grids, maps, keep, fractions, self.hivtp_server.regions, device)
+        self.hivtp_timer.finish(contract.any_counted(plans))
+        out, at = {}, 0
+        for i in views:
+            count = len(plans[i].layout.grids)
+            out[i] = kept[at : at + count]
+            at += count
+        return out
+
+
+def pruned_images(plans: Sequence[Plan] | None) -> tuple[list[int], list[int]]:
+    """(images whose plans prune, those of them HIVTP scores): the uniform
+    baseline needs no scores, so a batch of uniform images runs the tower
+    unobserved."""
+    pruned = [i for i, plan in enumerate(plans or []) if plan.prunes]
+    return pruned, [i for i in pruned if not plans[i].uniform]  # type: ignore[index]
 
 
 class HivtpModelMixin(HivtpSelectMixin):
@@ -133,7 +158,6 @@ class HivtpModelMixin(HivtpSelectMixin):
         score.
         """
         plans = contract.pop_plans(kwargs)
-        self.hivtp_counted = contract.any_counted(plans)
         image_input = self._parse_and_validate_image_input(**kwargs)
         if (
             image_input is None
@@ -218,7 +242,7 @@ def select_views(
     uniform baseline, which needs none (:func:`uniform_tokens`). HIVTP views
     are grouped by (grid, K, global fraction) so each group is one batched
     selection call; the loop runs over distinct groups, not images. A view
-    that keeps nothing (an empty view, spec section 2) gets an empty index.
+    that keeps nothing (an empty view, docs/spec.md section 2) gets an empty index.
     """
     kept: list[torch.Tensor | None] = [None] * len(grids)
     groups: dict[tuple, list[int]] = {}

@@ -10,19 +10,35 @@ in raster order. Images with K = H x W take the stock path untouched.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 
 import torch
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings
-from vllm.model_executor.models.llava import LlavaForConditionalGeneration
+from vllm.model_executor.models.llava import (
+    LlavaDummyInputsBuilder,
+    LlavaForConditionalGeneration,
+    LlavaMultiModalProcessor,
+    LlavaProcessingInfo,
+)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from hivtp_vllm.contract import Plan
-from hivtp_vllm.models.common import HivtpModelMixin
-from hivtp_vllm.processor import (
-    HivtpLlavaMultiModalProcessor,
-    HivtpLlavaProcessingInfo,
-    LlavaDummyInputsBuilder,
-)
+from hivtp_vllm.contract import Layout, Plan
+from hivtp_vllm.models.common import HivtpModelMixin, pruned_images
+from hivtp_vllm.processor import NO_KWARGS, HivtpInfoMixin, HivtpProcessorMixin
+
+
+class HivtpLlavaProcessingInfo(HivtpInfoMixin, LlavaProcessingInfo):
+    """LLaVA-1.5: one H x W view per image, whatever its size."""
+
+    def hivtp_layout(
+        self, *, image_width: int, image_height: int, mm_kwargs: Mapping[str, object] = NO_KWARGS
+    ) -> Layout:
+        side = self.get_vision_encoder_info().get_patch_grid_length()
+        return Layout(grids=((side, side),))
+
+
+class HivtpLlavaMultiModalProcessor(HivtpProcessorMixin, LlavaMultiModalProcessor):
+    """LLaVA-1.5 processor with K placeholders per image instead of H x W."""
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -43,20 +59,15 @@ class HivtpLlavaForConditionalGeneration(HivtpModelMixin, LlavaForConditionalGen
         image_input, plans = self._hivtp_inputs(kwargs)
         if image_input is None:
             return []
-        pruned = [i for i, plan in enumerate(plans or []) if plan.prunes]
+        pruned, scored = pruned_images(plans)
         if not pruned:
             return self._process_image_input(image_input)  # the stock path
-
-        # Scores only for the images HIVTP selects on; the uniform baseline
-        # needs none, so a batch of uniform images runs the tower unobserved.
-        scored = [i for i in pruned if not plans[i].uniform]
-        if scored:
-            with self.hivtp_recorder.recording(torch.tensor(scored)):
-                features = self._process_image_pixels(image_input)
-            scores = dict(zip(scored, self.hivtp_recorder.patch_scores(), strict=True))
-        else:
+        recording = self.hivtp_recorder.recording(torch.tensor(scored)) if scored else nullcontext()
+        with recording:
             features = self._process_image_pixels(image_input)
-            scores = {}
+        scores = (
+            dict(zip(scored, self.hivtp_recorder.patch_scores(), strict=True)) if scored else {}
+        )
         # Projecting every token then gathering equals gathering then
         # projecting (the projector is per token) and keeps the kept rows
         # bit-identical to the unpruned embeddings; it costs a fraction of a
@@ -76,19 +87,9 @@ class HivtpLlavaForConditionalGeneration(HivtpModelMixin, LlavaForConditionalGen
         image ``i`` where it is pruned, None where it takes the uniform
         baseline (the count property tests run this on random tensors).
         """
-        grids = [plans[i].layout.grids[0] for i in scores]
-        maps = [
-            None if s is None else s.view(grid)
-            for s, grid in zip(scores.values(), grids, strict=True)
-        ]
-        kept = self._hivtp_select(
-            grids,
-            maps,
-            [plans[i].keep[0] for i in scores],
-            [plans[i].global_fraction for i in scores],
-            embeds.device,
-        )
+        views = {i: None if s is None else [s] for i, s in scores.items()}
+        kept = self._hivtp_select(plans, views, embeds.device)
         out = list(embeds.unbind(0))
-        for row, indices in zip(scores, kept, strict=True):
+        for row, (indices,) in kept.items():
             out[row] = out[row][indices.to(embeds.device)]
         return out

@@ -9,16 +9,25 @@ from __future__ import annotations
 
 import torch
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings
-from vllm.model_executor.models.llava_next import LlavaNextForConditionalGeneration
+from vllm.model_executor.models.llava import LlavaDummyInputsBuilder
+from vllm.model_executor.models.llava_next import (
+    LlavaNextForConditionalGeneration,
+    LlavaNextMultiModalProcessor,
+    LlavaNextProcessingInfo,
+)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from hivtp_vllm.models.anyres import HivtpAnyresMixin
+from hivtp_vllm.models.anyres import HivtpAnyresInfoMixin, HivtpAnyresMixin
 from hivtp_vllm.models.common import HivtpModelMixin
-from hivtp_vllm.processor import (
-    HivtpLlavaNextMultiModalProcessor,
-    HivtpLlavaNextProcessingInfo,
-    LlavaDummyInputsBuilder,
-)
+from hivtp_vllm.processor import HivtpProcessorMixin
+
+
+class HivtpLlavaNextProcessingInfo(HivtpAnyresInfoMixin, LlavaNextProcessingInfo):
+    """LLaVA-NeXT: the base view, the unpadded high-res grid, and its newlines."""
+
+
+class HivtpLlavaNextMultiModalProcessor(HivtpProcessorMixin, LlavaNextMultiModalProcessor):
+    """LLaVA-NeXT processor: K_base + K_hr + H' placeholders per image."""
 
 
 @MULTIMODAL_REGISTRY.register_processor(

@@ -1,6 +1,6 @@
 """LLaVA-OneVision (``LlavaOnevisionForConditionalGeneration``) with HIVTP pruning.
 
-A SigLIP tower (no CLS: every position is a patch, spec section 5) at
+A SigLIP tower (no CLS: every position is a patch, docs/spec.md section 5) at
 384 px, 27 x 27 = 729 tokens a view; ``anyres_max_9`` images: the base view
 plus up to 6 x 6 tiles stitched and unpadded, then shrunk bilinearly when
 the grid holds more than about nine views' tokens, a newline per row. The
@@ -14,19 +14,35 @@ from __future__ import annotations
 
 import torch
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings
-from vllm.model_executor.models.llava_onevision import LlavaOnevisionForConditionalGeneration
+from vllm.model_executor.models.llava_onevision import (
+    LlavaOnevisionDummyInputsBuilder,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionMultiModalProcessor,
+    LlavaOnevisionProcessingInfo,
+)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from hivtp_vllm import contract
 from hivtp_vllm.contract import Plan
-from hivtp_vllm.models.anyres import HivtpAnyresMixin
+from hivtp_vllm.models.anyres import HivtpAnyresInfoMixin, HivtpAnyresMixin
 from hivtp_vllm.models.common import HivtpModelMixin
-from hivtp_vllm.processor import (
-    HivtpLlavaOnevisionMultiModalProcessor,
-    HivtpLlavaOnevisionProcessingInfo,
-    LlavaOnevisionDummyInputsBuilder,
-)
+from hivtp_vllm.processor import HivtpProcessorMixin
 from hivtp_vllm.views import shrink
+
+
+class HivtpLlavaOnevisionProcessingInfo(HivtpAnyresInfoMixin, LlavaOnevisionProcessingInfo):
+    """LLaVA-OneVision: as LLaVA-NeXT, the high-res grid shrunk past ~9 views.
+
+    Videos are not pruned: vLLM pools their frames already, and the hivtp
+    keys apply to a request's images only.
+    """
+
+
+class HivtpLlavaOnevisionMultiModalProcessor(
+    HivtpProcessorMixin, LlavaOnevisionMultiModalProcessor
+):
+    """LLaVA-OneVision processor: K_base + K_hr + H' placeholders per image;
+    videos as in vLLM."""
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -39,9 +55,15 @@ class HivtpLlavaOnevisionForConditionalGeneration(
 ):
     """LLaVA-OneVision whose images are pruned to the processor's K; videos untouched."""
 
+    # vLLM keeps ``--mm-encoder-tp-mode data`` only for a model class that
+    # declares it; the mixin's _image_pixels_to_features splits the images
+    # over the workers (vLLM builds SigLIP unsharded in that mode, so videos,
+    # encoded by vLLM's own path, run whole on each worker: correct, not
+    # split). Declared here: vLLM caches this flag keyed on this file's hash.
+    supports_encoder_tp_data = True
+
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
         plans = contract.pop_plans(kwargs)
-        self.hivtp_counted = contract.any_counted(plans)
         if self.hivtp_recorder is None:
             plans = None
         inputs = self._parse_and_validate_multimodal_inputs(**kwargs)

@@ -1,6 +1,6 @@
 """Model-side HIVTP shared by the Qwen-VL families: score, select, position.
 
-What differs from LLaVA (spec section 5):
+What differs from LLaVA (docs/spec.md section 5):
 
 - The tower packs all images of a batch into one sequence and attends
   within each image only; each image is scored over its own segment
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 from vllm.distributed import tensor_model_parallel_all_reduce
@@ -38,7 +39,7 @@ from vllm.exceptions import VLLMValidationError
 
 from hivtp_vllm import contract, mrope, params, vllm_compat
 from hivtp_vllm.contract import Layout, Plan
-from hivtp_vllm.models.common import HivtpSelectMixin, logger, server_band
+from hivtp_vllm.models.common import HivtpSelectMixin, logger, pruned_images, server_band
 from hivtp_vllm.processor import NO_KWARGS, HivtpInfoMixin, HivtpProcessorMixin
 from hivtp_vllm.scoring import PackedReceivedAttention
 
@@ -191,22 +192,20 @@ class HivtpQwenModelMixin(HivtpSelectMixin):
     def hivtp_embed_images(self, image_input, plans: list[Plan] | None) -> list[torch.Tensor]:
         """Each image's embeddings (kept ones only where pruned), with
         position columns."""
-        pruned = [i for i, p in enumerate(plans or []) if p.prunes]
+        pruned, scored = pruned_images(plans)
         if image_input["type"] != "pixel_values" or not pruned:
             embeds = self._process_image_input(image_input)  # type: ignore[attr-defined]
             return [unchanged(e) for e in embeds]
         grid_thw = image_input["image_grid_thw"].tolist()
         lengths = [t * h * w for t, h, w in grid_thw]
-        scored = [i for i in pruned if not plans[i].uniform]
+        recorder = self.hivtp_recorder
+        with recorder.recording_segments(lengths, scored) if scored else nullcontext():
+            merged, raster = self.hivtp_run_tower(image_input["pixel_values"], grid_thw)
+        scores = [None] * len(lengths)
         if scored:
-            with self.hivtp_recorder.recording_segments(lengths, scored):
-                merged, raster = self.hivtp_run_tower(image_input["pixel_values"], grid_thw)
-            per_position = self.hivtp_recorder.position_scores(lengths)
+            per_position = recorder.position_scores(lengths)
             merged_scores = raster(per_position.view(-1, MERGE_UNIT).mean(1))
             scores = merged_scores.split([n // MERGE_UNIT for n in lengths])
-        else:
-            merged, _ = self.hivtp_run_tower(image_input["pixel_values"], grid_thw)
-            scores = [None] * len(lengths)
         embeds = list(merged.split([n // MERGE_UNIT for n in lengths]))
         return self.hivtp_emit(embeds, {i: scores[i] for i in pruned}, plans)
 
@@ -218,21 +217,12 @@ class HivtpQwenModelMixin(HivtpSelectMixin):
     ) -> list[torch.Tensor]:
         """Kept rows of each pruned image (raster order) and every row of the
         others, each with its position columns."""
-        grids = [plans[i].layout.grids[0] for i in scores]
-        maps = [
-            None if s is None else s.view(grid)
-            for s, grid in zip(scores.values(), grids, strict=True)
-        ]
         device = embeds[0].device
-        kept = self._hivtp_select(
-            grids,
-            maps,
-            [plans[i].keep[0] for i in scores],
-            [plans[i].global_fraction for i in scores],
-            device,
-        )
+        views = {i: None if s is None else [s] for i, s in scores.items()}
+        kept = self._hivtp_select(plans, views, device)
         out = [unchanged(e) for e in embeds]
-        for row, indices, (rows, cols) in zip(scores, kept, grids, strict=True):
+        for row, (indices,) in kept.items():
+            rows, cols = plans[row].layout.grids[0]
             indices = indices.to(device)
             grid = torch.stack([torch.zeros_like(indices), indices // cols, indices % cols], 1)
             slots = torch.arange(len(indices))
@@ -261,7 +251,6 @@ class HivtpQwenModelMixin(HivtpSelectMixin):
 
     def embed_multimodal(self, **kwargs: object):
         plans = contract.pop_plans(kwargs)
-        self.hivtp_counted = contract.any_counted(plans)
         by_modality = self._parse_and_validate_multimodal_inputs(**kwargs)  # type: ignore[attr-defined]
         out: list[torch.Tensor] = []
         for modality, media in by_modality.items():  # in the order the prompt has them
@@ -291,7 +280,7 @@ class HivtpQwenModelMixin(HivtpSelectMixin):
             grown.append((feature, place.length + sum(f - n for _, n, f, _ in item_runs)))
         if not runs:
             positions, delta = super().get_mrope_input_positions(input_tokens, mm_features)  # type: ignore[misc]
-            return with_delta(positions, delta), delta
+            return vllm_compat.remember_decode_offset(positions, delta), delta
         tokens, where = mrope.unpruned_prompt(input_tokens, runs)
         features = [
             dataclasses.replace(
@@ -305,7 +294,7 @@ class HivtpQwenModelMixin(HivtpSelectMixin):
         positions, _ = super().get_mrope_input_positions(tokens, features)  # type: ignore[misc]
         # Decoding continues where it would unpruned: after the largest position.
         delta = int(positions.max()) + 1 - len(input_tokens)
-        return with_delta(positions[:, where], delta), delta
+        return vllm_compat.remember_decode_offset(positions[:, where], delta), delta
 
     def recompute_mrope_positions(
         self,
@@ -333,43 +322,21 @@ class HivtpQwenModelMixin(HivtpSelectMixin):
         return embeds, positions, decode_delta(mrope_positions, positions, end, len(input_ids))
 
     def get_encoder_cudagraph_config(self):
-        # Graph replay bypasses embed_multimodal (no selection, no position
-        # columns) and runs no hook; as vLLM does for its own pruning, no
-        # modality is captured.
-        config = super().get_encoder_cudagraph_config()  # type: ignore[misc]
-        config.modalities = []
-        return config
-
-
-def with_delta(positions: torch.Tensor, delta: int) -> torch.Tensor:
-    """Positions that remember the decoding offset computed at arrival.
-
-    The offset is fixed when the request arrives: the unpruned prompt's
-    largest position + 1 - the pruned prompt's length. After placement the
-    largest position of a prompt that ends in a pruned run (a raw prompt
-    ending in image pads) is that of the largest kept token, smaller than the
-    unpruned one, so recomputing the offset from the positions would move
-    decoding. vLLM's V1 model runner (0.32, 0.33) keeps the tensor returned
-    here as the request's positions, writes into it in place, and hands the
-    same object to ``recompute_mrope_positions`` at every step (decode steps
-    included, with no rows), so an attribute on it travels with the request.
-    V2 copies the positions (:func:`decode_delta` covers it).
-    """
-    positions.hivtp_delta = delta  # type: ignore[attr-defined]
-    return positions
+        return vllm_compat.capture_no_encoder_graphs(super().get_encoder_cudagraph_config())  # type: ignore[misc]
 
 
 def decode_delta(given: torch.Tensor, placed: torch.Tensor, end: int, prompt_length: int) -> int:
     """The decoding offset to hand back to the runner.
 
-    V1: the one :func:`with_delta` stored on the tensor it keeps. V2 (vLLM
+    V1: the one stored at arrival on the tensor it keeps
+    (:func:`hivtp_vllm.vllm_compat.remember_decode_offset`). V2 (vLLM
     0.32, 0.33: ``MultiModalPruner.recompute``) hands a copy and calls the
     hook only for a prefill chunk that holds media rows, last for the chunk
     with the prompt's last media rows: the offset is then one past the
     largest exact position, or past the unpruned end of the runs placed in
     this chunk (``end``, from the rows' extent) where the prompt ends in one.
     """
-    delta = getattr(given, "hivtp_delta", None)
+    delta = vllm_compat.remembered_decode_offset(given)
     if delta is not None:
         return delta
     return max(int(placed.max()) + 1, end) - prompt_length

@@ -3,14 +3,15 @@
 Before switching pruning on, a user wants to see which patches of their own
 images survive at a given ratio. This module answers with the server's own
 pieces, not a re-implementation: the image goes through the checkpoint's own
-image processor, the vision tower (CLIP, or SigLIP for LLaVA-OneVision) runs
-on the checkpoint's own weights (:mod:`hivtp_vllm.tools.tower`), the band's
+image processor, the vision tower its family's row names runs on the
+checkpoint's own weights (:mod:`hivtp_vllm.tools.tower`), the band's
 attention is scored by the server's
 :func:`hivtp_vllm.scoring.received_attention`, budgets come from
 :class:`hivtp_vllm.params.PruningRequest` (an anyres budget is split over
 base view and high-res grid exactly as the processor splits it), views are
-laid out by :mod:`hivtp_vllm.views` as the model lays them out (stitched and
-unpadded; LLaVA-OneVision's then shrunk past about nine views' tokens), and
+laid out by the row's layout with :mod:`hivtp_vllm.views` as the model lays
+them out (stitched and unpadded; with ``max_views``, as LLaVA-OneVision, then
+shrunk past about that many views' tokens), and
 tokens are picked by :func:`hivtp_vllm.pruning.select_tokens`, or, for the
 uniform baseline of the same size (``hivtp_selection: "uniform"``), by
 :func:`hivtp_vllm.pruning.uniform_tokens`, as the server picks them. No vLLM
@@ -39,7 +40,7 @@ from hivtp_vllm.tools.tower import (
     BandScorer,
     Checkpoint,
     ExplainError,
-    QwenBandScorer,
+    MergedBandScorer,
     open_checkpoint,
     progress,
 )
@@ -218,9 +219,10 @@ def pick(
 class ImageResult:
     """Scores per view (named, ``[H, W]``), their pixels, and each selection.
 
-    ``unpadded`` is the high-res grid before LLaVA-OneVision's shrink (that
-    of ``scores[1]`` for LLaVA-NeXT); its patches are what ``pixels[1]``
-    shows, so after a shrink a grid cell covers more than one patch.
+    ``unpadded`` is the high-res grid before a ``max_views`` shrink
+    (LLaVA-OneVision's; without one, as LLaVA-NeXT, that of ``scores[1]``);
+    its patches are what ``pixels[1]`` shows, so after a shrink a grid cell
+    covers more than one patch.
     """
 
     names: list[str]
@@ -233,7 +235,7 @@ class ImageResult:
 
 def explain_image(
     checkpoint: Checkpoint,
-    scorer: BandScorer,
+    scorer: BandScorer | MergedBandScorer,
     processor,
     image: Image.Image,
     asks: Sequence[params.PruningRequest],
@@ -241,20 +243,21 @@ def explain_image(
 ) -> ImageResult:
     """Score one image's views and run every request's selection on them.
 
-    LLaVA-NeXT and LLaVA-OneVision: the processor's tiles are the base view
-    and the high-res tiles; scores (and pixels) of the latter are stitched
-    and unpadded by the model's own function, with the processor's
-    ``image_sizes``, and OneVision's scores are then shrunk as the server
-    shrinks them (:meth:`Checkpoint.resample`). The pixels stay at the
-    unpadded grid's resolution: the picture maps each cell of the shrunk
-    grid onto its share of them.
+    Anyres layouts (LLaVA-NeXT, LLaVA-OneVision): the processor's tiles are
+    the base view and the high-res tiles; scores (and pixels) of the latter
+    are stitched and unpadded by the model's own function, with the
+    processor's ``image_sizes``, and with ``max_views`` the scores are then
+    shrunk as the server shrinks them (:meth:`Checkpoint.resample`). The
+    pixels stay at the unpadded grid's resolution: the picture maps each cell
+    of the shrunk grid onto its share of them. The merged layout has one
+    grid (:func:`_explain_merged`).
     """
     batch = processor(images=[image], return_tensors="pt")
     tile_grid, shapes = checkpoint.layout(image)
-    if checkpoint.is_qwen:
+    if checkpoint.family.layout == "merged":
         vision = checkpoint.config.vision_config
         unit = vision.patch_size * vision.spatial_merge_size  # px per merged token
-        return _explain_qwen(scorer, batch, image, shapes[0], unit, asks, regions)
+        return _explain_merged(scorer, batch, image, shapes[0], unit, asks, regions)
     tiles = batch["pixel_values"]
     if tile_grid is not None:
         tiles = tiles[0][: 1 + tile_grid[0] * tile_grid[1]]
@@ -285,10 +288,18 @@ def explain_image(
     return ImageResult(names, grids, pixels, tile_grid, unpadded, selections)
 
 
-def _explain_qwen(scorer, batch, image, grid, unit, asks, regions) -> ImageResult:
-    """Qwen-VL: one merged grid over the resized image (``unit`` px a token,
-    28 for Qwen2.5-VL); the picture is the image resized as the processor
-    resizes it."""
+def _explain_merged(
+    scorer: MergedBandScorer,
+    batch: Mapping[str, torch.Tensor],
+    image: Image.Image,
+    grid: tuple[int, int],
+    unit: int,
+    asks: Sequence[params.PruningRequest],
+    regions: tuple[int, int],
+) -> ImageResult:
+    """The merged layout (Qwen-VL): one merged grid over the resized image
+    (``unit`` px a token, 28 for Qwen2.5-VL); the picture is the image
+    resized as the processor resizes it."""
     rows, cols = grid
     scores = scorer(batch["pixel_values"], batch["image_grid_thw"]).view(rows, cols)
     shown = image.convert("RGB").resize((cols * unit, rows * unit), Image.Resampling.BICUBIC)
@@ -495,8 +506,7 @@ def explain(
     out.mkdir(parents=True, exist_ok=True)
     processor = checkpoint.image_processor()
     start = time.perf_counter()
-    scorer_class = QwenBandScorer if checkpoint.is_qwen else BandScorer
-    scorer = scorer_class(checkpoint, band, device, show_progress)
+    scorer = checkpoint.scorer_class(checkpoint, band, device, show_progress)
     scored = checkpoint.scored_layers(band)
     last = max(scored)
     log(f"{checkpoint.label}: vision layers 0-{last} read in {time.perf_counter() - start:.1f} s")

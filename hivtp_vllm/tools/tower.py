@@ -1,19 +1,22 @@
-"""A LLaVA checkpoint's vision tower, scoring patches, without vLLM or the LM.
+"""A checkpoint's vision tower, scoring patches, without vLLM or the LM.
 
 ``hivtp-vllm explain`` must score with the server's own formula on the
 checkpoint's own weights, but it should not need vLLM, a GPU or the 7B
 language model. So this module reads only the vision tower's tensors from
 the safetensors files (a directory, or just the needed files from the hub),
-builds transformers' ``CLIPVisionModel`` (LLaVA-1.5, LLaVA-NeXT) or
-``SiglipVisionModel`` (LLaVA-OneVision) from ``config.vision_config`` cut
-after the scoring band's last layer (later layers cannot change the score),
-and feeds the band's queries and keys to the server's
-:func:`hivtp_vllm.scoring.received_attention`.
+builds the transformers tower its family's row names (``Checkpoint.tower``
+in :data:`hivtp_vllm.families.FAMILIES`: ``CLIPVisionModel``,
+``SiglipVisionModel``, a Qwen-VL packed tower) from ``config.vision_config``
+cut after the scoring band's last layer (later layers cannot change the
+score), and feeds the band's queries and keys to the server's
+:func:`hivtp_vllm.scoring.received_attention`. How an image becomes views,
+and which scorer runs, follow the row's ``layout``.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import re
 import sys
@@ -29,6 +32,7 @@ from safetensors import safe_open
 from torch import nn
 
 from hivtp_vllm import MODELS, params
+from hivtp_vllm.families import BY_ARCHITECTURE, Family
 from hivtp_vllm.pruning import windowed_band
 from hivtp_vllm.scoring import mean_patch_scores, received_attention, resolve_band
 from hivtp_vllm.views import cls_tokens as leading_tokens
@@ -38,7 +42,8 @@ __all__ = [
     "ExplainError",
     "Checkpoint",
     "BandScorer",
-    "QwenBandScorer",
+    "MergedBandScorer",
+    "SCORERS",
     "tap_band",
     "open_checkpoint",
     "resolve",
@@ -47,8 +52,8 @@ __all__ = [
 
 # Checkpoint keys of the vision tower, in the hub layout (what vLLM loads and
 # checkpoints.py writes) and in the layouts newer transformers save; what
-# follows the prefix, less a leading "vision_model.", is the key in
-# transformers' CLIPVisionModel or SiglipVisionModel.
+# follows the prefix, less a leading "vision_model.", is the key in the
+# transformers tower the family's row names.
 _TOWER_PREFIXES = ("model.vision_tower.", "vision_tower.", "model.visual.", "visual.")
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -125,7 +130,7 @@ def resolve(name: str) -> Path:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A LLaVA-1.5, LLaVA-NeXT or LLaVA-OneVision checkpoint, as far as explain needs it."""
+    """A checkpoint of one of the families served, as far as explain needs it."""
 
     name: str
     path: Path
@@ -138,30 +143,31 @@ class Checkpoint:
         return self.path.name if Path(self.name).expanduser().is_dir() else self.name
 
     @property
-    def is_anyres(self) -> bool:
-        """A base view plus a high-res grid of tiles (LLaVA-NeXT, LLaVA-OneVision)."""
-        return self.architecture in (
-            "LlavaNextForConditionalGeneration",
-            "LlavaOnevisionForConditionalGeneration",
-        )
+    def family(self) -> Family:
+        """The row of the architecture: layout, views and tower."""
+        return BY_ARCHITECTURE[self.architecture]
 
     @property
-    def is_onevision(self) -> bool:
-        return self.architecture == "LlavaOnevisionForConditionalGeneration"
+    def tower_class(self) -> type:
+        """The transformers vision model the row names, imported now."""
+        recipe = self.family.checkpoint
+        return recipe.resolve(recipe.tower)
 
     @property
-    def is_qwen(self) -> bool:
-        """Qwen-VL: one merged grid per image, sized by ``smart_resize``."""
-        return self.architecture.startswith("Qwen")
+    def scorer_class(self) -> type[BandScorer | MergedBandScorer]:
+        """What scores this family's images: by the layout, as the server does."""
+        return SCORERS[self.family.layout]
 
     def scored_layers(self, band: tuple[int, int]) -> tuple[int, ...]:
-        """The layers scored for ``(start, count)``: all of them, or for
-        Qwen2.5-VL's windowed tower the full-attention ones (spec section 5)."""
+        """The layers scored for ``(start, count)``: all of them, or for a
+        windowed tower (its config lists the layers that attend to the whole
+        image, as Qwen2.5-VL's does) those full-attention ones
+        (docs/algorithm.md, "Qwen2.5-VL and Qwen3-VL")."""
         start, count = band
         full = getattr(self.config.vision_config, "fullatt_block_indexes", None)
         return windowed_band(start, count, full) if full else tuple(range(start, start + count))
 
-    def qwen_grid(self, image: Image.Image) -> tuple[int, int]:
+    def merged_grid(self, image: Image.Image) -> tuple[int, int]:
         """(rows, cols) of merged tokens: the image resized as its processor does."""
         from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
@@ -196,24 +202,28 @@ class Checkpoint:
     def resample(self, grid: torch.Tensor) -> torch.Tensor:
         """The unpadded high-res grid ``[C, H', W']`` -> the grid the LM receives.
 
-        LLaVA-OneVision shrinks it bilinearly past about nine views' tokens
+        A family with ``max_views`` (LLaVA-OneVision's anyres_max_9) shrinks
+        it bilinearly past about that many views' tokens
         (:func:`hivtp_vllm.views.shrink`, as the server shrinks the scores);
-        LLaVA-NeXT keeps it as it is.
+        one without (LLaVA-NeXT) keeps it as it is.
         """
-        return shrink(grid, self.side) if self.is_onevision else grid
+        max_views = self.family.max_views
+        return shrink(grid, self.side, max_views) if max_views else grid
 
     def layout(self, image: Image.Image) -> tuple[tuple[int, int] | None, list[tuple[int, int]]]:
         """(tile grid or None, grid shape of each view) of an image of this size.
 
-        LLaVA-1.5: one ``side x side`` view. LLaVA-NeXT: the base view and the
-        unpadded high-res grid, laid out by the function the model uses;
-        LLaVA-OneVision: that grid after its shrink (:meth:`resample`, run on
+        By the row's layout: "merged", one grid of merged tokens of the
+        resized image; "single", one ``side x side`` view; "anyres", the base
+        view and the unpadded high-res grid, laid out by the function the
+        model uses, then shrunk past ``max_views`` (:meth:`resample`, run on
         an empty grid, so the shape is by construction the one it produces).
         """
-        if self.is_qwen:
-            return None, [self.qwen_grid(image)]
+        layout = self.family.layout
+        if layout == "merged":
+            return None, [self.merged_grid(image)]
         base = (self.side, self.side)
-        if not self.is_anyres:
+        if layout == "single":
             return None, [base]
         tile_grid, (height, width) = highres_layout(
             (image.height, image.width),
@@ -226,9 +236,7 @@ class Checkpoint:
 
     def band(self, server: params.ServerOptions) -> tuple[int, int]:
         """(first layer, layer count) of the band, defaults and checks as the server's."""
-        vision = self.config.vision_config
-        depth = vision.depth if self.is_qwen else vision.num_hidden_layers
-        run = depth if self.is_qwen else layers_run(self.config)
+        depth, run = self.scorer_class.depth(self.config)
         try:
             return resolve_band(depth, run, server.layer_start, server.num_layers)
         except ValueError as exc:
@@ -350,13 +358,20 @@ def _tower(
 class BandScorer:
     """The checkpoint's vision tower up to the band's last layer, scoring patches.
 
-    Built from ``config.vision_config`` (``CLIPVisionModel`` or
+    For the tiled layouts ("single", "anyres"). Built from
+    ``config.vision_config`` as the row's tower (``CLIPVisionModel``,
     ``SiglipVisionModel``) with only ``start + count`` layers and only those
     layers' tensors read (in float32, on ``device``). The band's query and
     key projections are tapped with forward hooks and fed to the server's
     :func:`received_attention`; the attention itself runs however
     transformers likes (SDPA), since its probabilities are recomputed.
     """
+
+    @staticmethod
+    def depth(config: object) -> tuple[int, int]:
+        """(encoder layers, layers the served tower runs): LLaVA's tower stops
+        at its deepest feature layer, and the band must lie inside it."""
+        return config.vision_config.num_hidden_layers, layers_run(config)
 
     def __init__(
         self,
@@ -365,12 +380,9 @@ class BandScorer:
         device: str = "cpu",
         show_progress: bool | None = None,
     ) -> None:
-        from transformers import CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
-
         self.start, self.count = band
         vision = copy.deepcopy(checkpoint.config.vision_config)
         vision.num_hidden_layers = self.start + self.count
-        siglip = isinstance(vision, SiglipVisionConfig)
 
         def trim(model: nn.Module) -> None:
             # The last norm (and SigLIP's pooling head) only make outputs after
@@ -382,7 +394,7 @@ class BandScorer:
             if hasattr(inner, "head"):
                 inner.head = nn.Identity()
 
-        model_class = SiglipVisionModel if siglip else CLIPVisionModel
+        model_class = checkpoint.tower_class
         self.model = _tower(lambda: model_class(vision), checkpoint, device, show_progress, trim)
         inner = getattr(self.model, "vision_model", self.model)
         self.device = device
@@ -400,19 +412,26 @@ class BandScorer:
         return taps.patch_scores().cpu()
 
 
-class QwenBandScorer:
-    """A Qwen-VL vision tower up to the last scored layer, scoring merged tokens.
+class MergedBandScorer:
+    """A packed tower up to the last scored layer, scoring merged tokens.
 
-    transformers' ``Qwen2_5_VisionTransformerPretrainedModel`` (Qwen2.5-VL)
-    or ``Qwen3VLVisionModel`` (Qwen3-VL) built from
-    ``config.vision_config`` with only the layers needed, their tensors read
-    from the checkpoint (``model.visual.*``). Its attention runs through an
-    attention function registered with transformers (its extension point)
-    that hands the scored layers' queries and keys, after the rotary
-    embedding and per image, to the server's :func:`received_attention`, as
-    the server's hook does, then runs SDPA. Scores are merged 2 x 2 and put
-    back in raster order, as the server does.
+    For the "merged" layout (Qwen-VL): the transformers tower the row names
+    (``Qwen2_5_VisionTransformerPretrainedModel`` for Qwen2.5-VL,
+    ``Qwen3VLVisionModel`` for Qwen3-VL) built from ``config.vision_config``
+    with only the layers needed, their tensors read from the checkpoint
+    (``model.visual.*``). Its attention runs through an attention function
+    registered with transformers (its extension point) that hands the scored
+    layers' queries and keys, after the rotary embedding and per image, to
+    the server's :func:`received_attention`, as the server's hook does, then
+    runs SDPA. Scores are merged 2 x 2 and put back in raster order, as the
+    server does (docs/algorithm.md, "Qwen2.5-VL and Qwen3-VL").
     """
+
+    @staticmethod
+    def depth(config: object) -> tuple[int, int]:
+        """(blocks, blocks run): the packed tower runs all its blocks."""
+        depth = config.vision_config.depth
+        return depth, depth
 
     def __init__(
         self,
@@ -427,15 +446,11 @@ class QwenBandScorer:
         self.layers = checkpoint.scored_layers(band)
         vision = copy.deepcopy(checkpoint.config.vision_config)
         vision.depth = max(self.layers) + 1
-        self.windowed = hasattr(vision, "fullatt_block_indexes")  # Qwen2.5-VL
-        if self.windowed:
-            from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
-
-            tower_class = qwen.Qwen2_5_VisionTransformerPretrainedModel
-        else:
-            from transformers.models.qwen3_vl import modeling_qwen3_vl as qwen
-
-            tower_class = qwen.Qwen3VLVisionModel
+        tower_class = checkpoint.tower_class
+        # A windowed tower (its config lists the blocks that attend fully)
+        # permutes merged tokens by window; its own module undoes that.
+        self.windowed = getattr(vision, "fullatt_block_indexes", None) is not None
+        self.modeling = importlib.import_module(tower_class.__module__)
 
         def trim(model: nn.Module) -> None:
             # Mergers make outputs after (or beside) the band: nothing here uses them.
@@ -450,7 +465,6 @@ class QwenBandScorer:
         )
         self.model = model
         self.device = device
-        self.qwen = qwen
         self.num_heads = vision.num_heads
         self._layer: int | None = None
         self._parts: list[torch.Tensor] = []
@@ -481,7 +495,7 @@ class QwenBandScorer:
         merged = per_position.view(-1, 4).mean(dim=1)
         if not self.windowed:
             return merged.cpu()
-        window_index, _ = self.qwen.get_vision_window_index(
+        window_index, _ = self.modeling.get_vision_window_index(
             grid_thw,
             spatial_merge_size=self.model.spatial_merge_size,
             window_size=self.model.window_size,
@@ -489,6 +503,14 @@ class QwenBandScorer:
             kwargs={},
         )
         return merged[torch.argsort(window_index.to(merged.device))].cpu()
+
+
+# The scorer of each layout (:attr:`Checkpoint.scorer_class`).
+SCORERS: dict[str, type[BandScorer | MergedBandScorer]] = {
+    "single": BandScorer,
+    "anyres": BandScorer,
+    "merged": MergedBandScorer,
+}
 
 
 class BandTaps:
