@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from hivtp_vllm import internals, vllm_compat
+from hivtp_vllm.families import FAMILIES
 from hivtp_vllm.internals import INTERNALS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -195,3 +196,16 @@ def test_every_row_is_complete():
         for module in row.code:
             assert importlib.util.find_spec(f"hivtp_vllm.{module}") is not None, module
     assert internals.RELEASES == vllm_compat.SUPPORTED_VLLM
+
+
+@pytest.mark.parametrize("family", list(FAMILIES.values()), ids=list(FAMILIES))
+def test_every_served_class_keeps_the_data_parallel_encoder_mode(family):
+    """vLLM keeps ``--mm-encoder-tp-mode data`` only for a class that declares
+    it (else it warns and falls back to "weights"); each family's served
+    class does, on itself (vLLM caches the flag by the class's file)."""
+    from vllm.model_executor.models.interfaces import supports_multimodal_encoder_tp_data
+
+    module, name = family.model.split(":")
+    served = getattr(importlib.import_module(module), name)
+    assert supports_multimodal_encoder_tp_data(served)
+    assert "supports_encoder_tp_data" in vars(served)

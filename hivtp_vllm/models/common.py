@@ -16,7 +16,8 @@ these models do.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
@@ -120,8 +121,8 @@ class HivtpModelMixin(HivtpSelectMixin):
                 self.config.vision_config.num_hidden_layers,
                 self.hivtp_server,
                 cls_tokens=leading,
+                span=self.hivtp_timer.span,
             )
-            self.hivtp_recorder.span = self.hivtp_timer.span
             # vLLM builds CLIP unsharded in data mode (is_vit_use_data_parallel);
             # the batch is split only where that is so, since a sharded tower
             # fed different images on each worker would mix them in its
@@ -190,6 +191,7 @@ def build_recorder(
     server: params.ServerOptions,
     *,
     cls_tokens: int = 1,
+    span: Callable[[torch.device], AbstractContextManager] | None = None,
 ) -> ReceivedAttention:
     """Listen to the band's attention in vLLM's CLIP or SigLIP tower.
 
@@ -225,6 +227,7 @@ def build_recorder(
         # and every worker ends with the same scores and selection.
         reduce=tensor_model_parallel_all_reduce if sharded else None,
         cls_tokens=cls_tokens,
+        span=span,
     )
 
 

@@ -40,11 +40,7 @@ class HivtpLlavaNextForConditionalGeneration(
 ):
     """LLaVA-NeXT whose base view and high-res grid are pruned to the processor's K."""
 
-    # vLLM keeps ``--mm-encoder-tp-mode data`` only for a model class that
-    # declares it (stock LLaVA falls back to "weights"); the mixin's
-    # _image_pixels_to_features implements it. Declared here, not in the
-    # mixin: vLLM caches this flag keyed on the hash of this file alone.
-    supports_encoder_tp_data = True
+    supports_encoder_tp_data = True  # docs/vllm-internals.md: supports_encoder_tp_data
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
         image_input, plans = self._hivtp_inputs(kwargs)

@@ -55,12 +55,7 @@ class HivtpLlavaOnevisionForConditionalGeneration(
 ):
     """LLaVA-OneVision whose images are pruned to the processor's K; videos untouched."""
 
-    # vLLM keeps ``--mm-encoder-tp-mode data`` only for a model class that
-    # declares it; the mixin's _image_pixels_to_features splits the images
-    # over the workers (vLLM builds SigLIP unsharded in that mode, so videos,
-    # encoded by vLLM's own path, run whole on each worker: correct, not
-    # split). Declared here: vLLM caches this flag keyed on this file's hash.
-    supports_encoder_tp_data = True
+    supports_encoder_tp_data = True  # docs/vllm-internals.md: supports_encoder_tp_data
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
         plans = contract.pop_plans(kwargs)

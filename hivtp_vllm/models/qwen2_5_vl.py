@@ -58,8 +58,7 @@ class HivtpQwen2_5_VLForConditionalGeneration(
 ):
     """Qwen2.5-VL whose image embeddings are pruned to the processor's K."""
 
-    # Declared on the class vLLM loads (its flag cache is keyed on this file).
-    supports_encoder_tp_data = True
+    supports_encoder_tp_data = True  # docs/vllm-internals.md: supports_encoder_tp_data
 
     def hivtp_band(self, start: int, count: int) -> Sequence[int]:
         return windowed_band(start, count, self.visual.fullatt_block_indexes)

@@ -51,8 +51,7 @@ class HivtpQwen3VLMultiModalProcessor(HivtpQwenProcessorMixin, Qwen3VLMultiModal
 class HivtpQwen3VLForConditionalGeneration(HivtpQwenModelMixin, Qwen3VLForConditionalGeneration):
     """Qwen3-VL whose image embeddings (and DeepStack features) are pruned to K."""
 
-    # Declared on the class vLLM loads (its flag cache is keyed on this file).
-    supports_encoder_tp_data = True
+    supports_encoder_tp_data = True  # docs/vllm-internals.md: supports_encoder_tp_data
 
     def hivtp_run_tower(self, pixel_values: torch.Tensor, grid_thw: list[list[int]]):
         merged = self.visual(pixel_values, grid_thw=grid_thw)
