@@ -132,7 +132,7 @@ EMIT = {"single": emit_single, "anyres": emit_anyres, "merged": emit_merged}
 # tiles (they never shrink), one that never shrinks grids of up to 4 x 4.
 STRESS_GRIDS = {True: ("narrow-2x2", 2), False: ("wide-4x4", 4)}
 
-MERGE = 2  # Qwen-VL merges 2 x 2 patches into one token
+MERGE = 2  # the "merged" layout: one token per 2 x 2 patches (hivtp_vllm/families.py)
 
 
 @dataclass(frozen=True)

@@ -85,8 +85,8 @@ def served_sizes(family) -> list[tuple[int, int]]:
         # 5:2, smaller than the lower pixel bound of some, larger than the upper.
         return [(2 * t, t), (t, 3 * t), (1000, 400), (200, 150), (2000, 1500)]
     # anyres: 5:2 and 1:4 (unpadded high-res grids), a tile, 2:1, 1:2 and 5:2
-    # of tiles, smaller than a tile, and one whose grid takes more than 9
-    # tiles (OneVision's anyres_max_9 shrinks it).
+    # of tiles, smaller than a tile, and one larger than ``max_views`` tiles
+    # (where the family has it, its grid shrinks: OneVision's anyres_max_9).
     return [
         (1000, 400),
         (300, 1200),
@@ -137,7 +137,8 @@ def test_served_counts_by_aspect_ratio(family_servers, runner):
     """Each image alone, and two of different shapes in one prompt: every
     option's ``prompt_tokens`` is stock's text tokens plus the reference's
     visual tokens (with no option and r = 1.0, stock's own count), or a 400
-    naming the budget where the reference has it out of range."""
+    naming the budget where the reference has it out of range. One prompt's
+    options are sent side by side (each its own count; CI time)."""
     family = family_servers.family
     ours, stock = family_servers.pair(runner)
     sizes = served_sizes(family)
@@ -145,9 +146,10 @@ def test_served_counts_by_aspect_ratio(family_servers, runner):
         images = [image_data_url(100 + 10 * seed + i, *size) for i, size in enumerate(shapes)]
         full = prompt_tokens(stock.chat(images))
         text = full - sum(visual(family, size, None) for size in shapes)
-        for options in COUNTED:
+        with ThreadPoolExecutor(len(COUNTED)) as pool:
+            responses = list(pool.map(ours.chat, [images] * len(COUNTED), COUNTED))
+        for options, response in zip(COUNTED, responses, strict=True):
             want = [visual(family, size, options) for size in shapes]
-            response = ours.chat(images, options)
             if None in want:
                 assert_refused(response, K)
                 continue
