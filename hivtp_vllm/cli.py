@@ -54,13 +54,6 @@ def _option_name(arg: str) -> str:
     return head.replace("_", "-") + dot + tail
 
 
-def _json_value(text: str, where: str) -> object:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{where}: not valid JSON ({exc.msg}): {text!r}") from None
-
-
 def split_mm_kwargs(rest: list[str]) -> tuple[dict[str, object], list[str]]:
     """(the processor options every spelling of ``--mm-processor-kwargs`` in
     ``rest`` gives, merged in the order given; the other arguments).
@@ -88,15 +81,19 @@ def split_mm_kwargs(rest: list[str]) -> tuple[dict[str, object], list[str]]:
         else:
             raise ValueError(f"{arg}: expects a value")
         if name == MM_KWARGS:
-            given = _json_value(value, arg)
+            try:
+                given = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{arg}: not valid JSON ({exc.msg}): {value!r}") from None
             if not isinstance(given, dict):
                 raise ValueError(f"{arg}: expects a JSON object, got {value!r}")
             options.update(given)
-        else:
+        else:  # one dotted key; its value read as JSON where it parses, as vLLM does
+            key = name.split(".", 1)[1]
             try:
-                options[name.split(".", 1)[1]] = json.loads(value)
+                options[key] = json.loads(value)
             except json.JSONDecodeError:
-                options[name.split(".", 1)[1]] = value
+                options[key] = value
     return options, others
 
 
