@@ -16,10 +16,24 @@ def noise(seed: int, width: int, height: int) -> Image.Image:
     return Image.fromarray((rng.random((height, width, 3)) * 255).astype("uint8"))
 
 
+def ok(response) -> dict:
+    """The body of a response that must be a 200."""
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
 def prompt_tokens(response) -> int:
     """``usage.prompt_tokens`` of a chat response that must be a 200."""
-    assert response.status_code == 200, response.text
-    return response.json()["usage"]["prompt_tokens"]
+    return ok(response)["usage"]["prompt_tokens"]
+
+
+def assert_refused(response, key: str) -> dict:
+    """A 400 that names ``key`` (the parameter and the message); its error."""
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == key, error
+    assert key in error["message"], error
+    return error
 
 
 def process_one(processor, image: Image.Image, kwargs: dict | None):

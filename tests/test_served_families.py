@@ -47,7 +47,14 @@ from PIL import Image
 
 from hivtp_vllm.tools.local_server import image_data_url, metric
 from tests.count_contract import EXTREME_SIZES, FAMILIES, reference_tokens, reference_views
-from tests.helpers import chat_with_video, media_chat, prompt_tokens, video_data_url
+from tests.helpers import (
+    assert_refused,
+    chat_with_video,
+    media_chat,
+    ok,
+    prompt_tokens,
+    video_data_url,
+)
 from tests.runners import RUNNERS
 
 pytestmark = pytest.mark.server
@@ -103,19 +110,6 @@ def visual(family, size: tuple[int, int], options: dict | None) -> int | None:
     """The reference's visual tokens of one image under ``options`` (None: a 400)."""
     sizes, newlines = reference_views(family, *size, family.own_pinpoints)
     return reference_tokens(sizes, newlines, options)
-
-
-def ok(response) -> dict:
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
-def assert_refused(response, key: str) -> None:
-    """A 400 that names ``key`` (the parameter and the message)."""
-    assert response.status_code == 400, response.text
-    error = response.json()["error"]
-    assert error["param"] == key, error
-    assert key in error["message"], error
 
 
 # Every option whose count is checked on every image of every family.

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from hivtp_vllm.tools.local_server import image_data_url
+from tests.helpers import assert_refused, ok, prompt_tokens
 
 pytestmark = pytest.mark.server
 
@@ -32,15 +33,6 @@ SERVED = pytest.mark.parametrize("family_servers", ["llava"], indirect=True)
 @pytest.fixture
 def stock_server(family_servers):
     return family_servers.servers[("V1", False)]
-
-
-def ok(response) -> dict:
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
-def prompt_tokens(response) -> int:
-    return ok(response)["usage"]["prompt_tokens"]
 
 
 def test_pruning_changes_what_the_model_sees(plugin_server):
@@ -157,10 +149,7 @@ def test_hivtp_keys_on_an_architecture_not_pruned_are_a_400(server_factory, tmp_
         ({"hivtp_retain_ratio": 0.5}, "hivtp_retain_ratio"),
         ({"hivtp_num_tokens": 64}, "hivtp_num_tokens"),
     ):
-        response = server.completion("hello", kwargs)
-        assert response.status_code == 400, response.text
-        error = response.json()["error"]
-        assert error["param"] == key and key in error["message"]
+        error = assert_refused(server.completion("hello", kwargs), key)
         assert "LlamaForCausalLM" in error["message"] and "not pruned" in error["message"]
         assert "LlavaForConditionalGeneration" in error["message"]
     assert server.completion("hello").status_code == 200
