@@ -41,6 +41,10 @@ from hivtp_vllm.views import supports_pruning
 # memory profiling: planned, not counted in the metrics).
 RESOLVED = "hivtp_resolved"
 DUMMY = "hivtp_dummy"
+# What ``get_dummy_inputs`` puts under DUMMY: an object no request can carry,
+# so a client's own ``hivtp_dummy`` stays an unknown key (a 400), not a way
+# to keep its images out of the metrics.
+_DUMMY_MARK = object()
 NO_KWARGS: Mapping[str, object] = {}
 
 
@@ -84,9 +88,8 @@ class HivtpInfoMixin:
         resolved = request_kwargs.get(RESOLVED)
         if isinstance(resolved, params.PruningRequest):
             return resolved
-        rest = {k: v for k, v in request_kwargs.items() if k not in (RESOLVED, DUMMY)}
         try:
-            request = params.resolve(self.hivtp_server_options(), rest)
+            request = params.resolve(self.hivtp_server_options(), request_kwargs)
         except params.HivtpParamError as exc:
             raise as_client_error(exc) from exc
         if request.prunes and not self.hivtp_supported():
@@ -142,12 +145,14 @@ class HivtpProcessorMixin:
         # vLLM's warm-up and memory profiling: mark their items, count nothing.
         inputs = super().get_dummy_inputs(*args, **kwargs)  # type: ignore[misc]
         return dataclasses.replace(
-            inputs, hf_processor_mm_kwargs={**inputs.hf_processor_mm_kwargs, DUMMY: True}
+            inputs, hf_processor_mm_kwargs={**inputs.hf_processor_mm_kwargs, DUMMY: _DUMMY_MARK}
         )
 
     def apply(self, inputs, timing_ctx):
         kwargs = dict(inputs.hf_processor_mm_kwargs)
-        dummy = bool(kwargs.pop(DUMMY, False))
+        dummy = kwargs.get(DUMMY) is _DUMMY_MARK
+        if dummy:
+            del kwargs[DUMMY]
         request = self.info.hivtp_request(kwargs)  # type: ignore[attr-defined]
         _, rest = params.split_hivtp_keys(kwargs)
         inputs = dataclasses.replace(

@@ -141,3 +141,15 @@ def test_unpruned_hash_is_stock_vllm_hash(make_processor):
     a = apply(processor, [img], {"hivtp_retain_ratio": 0.25})["mm_hashes"]["image"][0]
     b = apply(processor, [img], {"hivtp_num_tokens": 144})["mm_hashes"]["image"][0]
     assert a != ours and b != ours
+
+
+@pytest.mark.parametrize("key", ["hivtp_dummy", "hivtp_resolved"])
+def test_the_processors_own_keys_are_unknown_to_a_request(make_processor, key):
+    """The values the processor hands its hooks (the resolved request, the
+    warm-up marker) cannot be sent: a request's ``hivtp_dummy`` would keep its
+    images out of the metrics. Both are unknown keys, named."""
+    from vllm.exceptions import VLLMValidationError
+
+    with pytest.raises(VLLMValidationError, match=key) as info:
+        apply(make_processor(), [image(0)], {key: True})
+    assert info.value.parameter == key
