@@ -60,31 +60,46 @@ QWEN_7B_TOWER = {
 }
 
 
-def qwen_7b_tower(models: Path) -> Path:
-    """A config-only checkpoint: the tiny Qwen2.5-VL with the 7B's vision
+# Qwen3.5's published tower (transformers' Qwen3_5VisionConfig defaults):
+# full attention in every layer, no DeepStack.
+QWEN3_5_TOWER = {"depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "num_heads": 16}
+
+
+def config_only_tower(models: Path, arch: str, name: str, tower: dict) -> Path:
+    """A config-only checkpoint: the tiny ``arch`` with a published vision
     tower (weights from vLLM's ``--load-format dummy``; the merger projects
     to the tiny language model's width)."""
     import json
     import shutil
 
-    tiny = ensure_model(models / "tiny-qwen2.5-vl", "tiny", "qwen2.5-vl")
-    out = models / "qwen2.5-vl-7b-tower"
+    tiny = ensure_model(models / f"tiny-{arch}", "tiny", arch)
+    out = models / name
     if not (out / "config.json").exists():
         out.mkdir(parents=True, exist_ok=True)
         for f in tiny.iterdir():
             if f.is_file() and not f.name.endswith(".safetensors") and "index" not in f.name:
                 shutil.copy(f, out / f.name)
         config = json.loads((tiny / "config.json").read_text())
-        config["vision_config"].update(QWEN_7B_TOWER)
+        config["vision_config"].update(tower)
         (out / "config.json").write_text(json.dumps(config, indent=2))
     return out
 
 
-def measure_ttft(model: Path, requests: int, bench: Bench) -> dict:
+def qwen_7b_tower(models: Path) -> Path:
+    """The tiny Qwen2.5-VL with the 7B's vision tower."""
+    return config_only_tower(models, "qwen2.5-vl", "qwen2.5-vl-7b-tower", QWEN_7B_TOWER)
+
+
+def qwen3_5_tower(models: Path) -> Path:
+    """The tiny Qwen3.5 with the published vision tower."""
+    return config_only_tower(models, "qwen3.5", "qwen3.5-tower", QWEN3_5_TOWER)
+
+
+def measure_ttft(model: Path, requests: int, bench: Bench, dtype: str) -> dict:
     # A KV cache that holds a whole max-length prompt of the bench LM.
     image, max_len = bench.image, bench.max_model_len
     kv = max(1 << 29, max_len * bench.kv_per_token)
-    options = ["--max-num-seqs", "16", "--max-model-len", str(max_len)]
+    options = ["--max-num-seqs", "16", "--max-model-len", str(max_len), "--dtype", dtype]
     server = VllmServer(model, [*options, "--kv-cache-memory-bytes", str(kv)])
     print(f"[ttft] starting server on {server.url} ...", flush=True)
     server.start()
@@ -251,6 +266,7 @@ def measure_overhead(
     llm_kwargs.setdefault("max_model_len", bench.max_model_len)
     kv = max(1 << 28, bench.max_model_len * bench.kv_per_token)
     llm_kwargs.setdefault("kv_cache_memory_bytes", kv)
+    llm_kwargs.setdefault("dtype", family.dtype)
     probe = PROBES[family.layout]
     with in_process_llm(model, **llm_kwargs) as llm:
         (result,) = llm.apply_model(probe(batches, reps, bench))
@@ -295,6 +311,19 @@ QWEN_READING = [
 QWEN_READING_NO_7B = QWEN_READING[:4] + [
     "attention layer nearest the middle). The full-size tower was not run",
     "(`--skip-clip-l`).",
+]
+QWEN3_5_READING = [
+    "",
+    "Reading: the bench tower is 64 wide with 2 heads, built for the LM/vision cost split;",
+    "every layer attends over the whole image, and scoring recomputes softmax(q k^T) in",
+    "the band's layers (3 of 8). The Qwen3.5 row is the published tower (27 x 1152, vLLM's",
+    "dummy weights, the tiny language model behind it), scoring layers 7-9: there the",
+    "linear work of 27 layers dominates, and the overhead is the share to expect at full",
+    "size. Both are CPU timings in bfloat16 (vLLM's CPU kernels for Qwen3.5's Gated",
+    "DeltaNet layers take bfloat16 only); a GPU's share may differ.",
+]
+QWEN3_5_READING_SKIPPED = QWEN3_5_READING[:4] + [
+    "dummy weights) was not run (`--skip-clip-l`).",
 ]
 SEE_LLAVA = ["", "(For the full-size CLIP-L tower see LLaVA-1.5's section.)"]
 
@@ -342,6 +371,17 @@ FULL_TOWERS: dict[str, FullTower] = {
         skipped=QWEN_READING_NO_7B,
         load_format="dummy",
     ),
+    "qwen3.5": FullTower(
+        name="Qwen3.5",
+        row="Qwen3.5 published (27 x 1152, scores 7-9)",
+        family="qwen3.5",
+        checkpoint=qwen3_5_tower,
+        batches=(1,),
+        reps=3,
+        reading=QWEN3_5_READING,
+        skipped=QWEN3_5_READING_SKIPPED,
+        load_format="dummy",
+    ),
 }
 
 
@@ -366,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     command = f".venv/bin/python benchmarks/llava_bench.py --arch {args.arch}"
 
     bench = ensure_model(args.models / f"bench-{args.arch}", "bench", args.arch)
-    ttft = measure_ttft(bench, args.requests, arch)
+    ttft = measure_ttft(bench, args.requests, arch, family.dtype)
     base = ttft[1.0]["ttft"]
     print("[overhead] bench tower ...", flush=True)
     over_bench = measure_overhead(bench, arch.batches, args.reps, family)
@@ -390,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         f"## {family.title}: single-request TTFT and pruning overhead",
         "",
         f"Command: `{command}` (script: `benchmarks/llava_bench.py`).",
-        f"Machine: {machine()}; vLLM CPU build, float32, `--enforce-eager`.",
+        f"Machine: {machine()}; vLLM CPU build, {family.dtype}, `--enforce-eager`.",
         "",
         f"Model: random-weight `bench` {family.title} (`make-model --size bench --arch "
         f"{args.arch}`: {arch.model}).",

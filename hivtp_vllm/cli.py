@@ -21,6 +21,7 @@ import os
 import sys
 
 from hivtp_vllm import params
+from hivtp_vllm.families import FAMILIES
 
 # vLLM 0.32 and 0.33 default to the "lru" processor cache: the API server
 # keeps a shadow of the engine's cache and sends an image's tensors only the
@@ -152,8 +153,9 @@ def explain_main(argv: list[str]) -> int:
     )
     parser.add_argument(
         "model",
-        help="LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL or Qwen3-VL checkpoint "
-        "directory or hub name",
+        help="checkpoint directory or hub name of a served family ("
+        + ", ".join(f.title for f in FAMILIES.values())
+        + ")",
     )
     parser.add_argument("images", nargs="+", help="image files")
     parser.add_argument(

@@ -16,7 +16,7 @@ command line, the tools and the plugin's start-up read it for free.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 # How an image becomes the views HIVTP selects on (docs/algorithm.md):
@@ -95,6 +95,13 @@ QWEN3_VL_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
 )
 
+# The tiny merged checkpoints' cap on an image's merged tokens (make-model
+# --size tiny): half the model cards' "max_pixels = 1280 * 28 * 28". The tower
+# attends over all 4 x 640 patches of a capped image, which is most of a
+# test server's work on a CPU (and of its encoder profiling at start); 640
+# still caps the tests' large images and leaves every smaller one as it is.
+TINY_IMAGE_TOKENS = 640
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -150,8 +157,11 @@ class Checkpoint:
     image_mean: tuple[float, float, float] | None = None
     image_std: tuple[float, float, float] | None = None
     rope_theta: float | None = None
-    mrope_section: tuple[int, int, int] | None = None  # for head_dim 128, scaled
+    # As published, scaled to the checkpoint's rotary half (its sum is the
+    # published one: 64 for head_dim 128, 32 for Qwen3.5's 256 x 0.25).
+    mrope_section: tuple[int, int, int] | None = None
     mrope_interleaved: bool = False
+    partial_rotary_factor: float | None = None  # rotary dims / head_dim, where not all
     # The tower's MLP is gate/up/down (SwiGLU, 3 matrices), not fc1/fc2: FLOPs.
     gated_vision_mlp: bool = False
     # vision_config per make-model size (shapes, and the layers with a role:
@@ -160,6 +170,15 @@ class Checkpoint:
     vision_sizes: dict[str, dict[str, object]] = field(default_factory=dict, hash=False)
     vision_extra: dict[str, object] = field(default_factory=dict, hash=False)
     text_extra: dict[str, object] = field(default_factory=dict, hash=False)
+    # text_config entries per make-model size over the shared shapes
+    # (checkpoints.MERGED_SIZES): a hybrid LM's layer types, say.
+    text_sizes: dict[str, dict[str, object]] = field(default_factory=dict, hash=False)
+    # How the published checkpoint stores a MoE LM's experts, which the
+    # transformers model keeps fused as gate_up_proj [E, 2I, H] and
+    # down_proj [E, H, I] and its save_pretrained writes as they are:
+    # "transposed" (fused, [E, H, 2I] and [E, I, H]: Qwen3-VL-MoE) or
+    # "per_expert" (experts.N.{gate,up,down}_proj.weight: Qwen3.5-MoE).
+    experts: Literal["transposed", "per_expert"] | None = None
 
     @staticmethod
     def resolve(name: str) -> type:
@@ -219,6 +238,9 @@ class Family:
     max_views: int | None = None  # anyres_max_N: the high-res grid shrinks past N views
     videos: bool = False  # the family takes videos (served as vLLM serves them)
     max_model_len: int = 4096  # the test servers': room for the largest image's tokens
+    # The test servers' dtype: float32 (exact comparisons), bfloat16 where
+    # vLLM's CPU kernels need it (Qwen3.5's Gated DeltaNet layers).
+    dtype: str = "float32"
 
     @property
     def model(self) -> str:
@@ -240,6 +262,78 @@ _QWEN_LOAD = dict(
     "bounds, not a twin checkpoint's tile size; the uniform r = 0.25 phase splits "
     "HIVTP's cost from the tower's.",
 )
+
+_QWEN3_VL = Checkpoint(
+    config="Qwen3VLConfig",
+    model="Qwen3VLForConditionalGeneration",
+    processor="Qwen3VLProcessor",
+    image_processor="Qwen2VLImageProcessor",
+    video_processor="Qwen3VLVideoProcessor",
+    tower="Qwen3VLVisionModel",
+    patch_size=16,
+    chat_template=QWEN3_VL_CHAT_TEMPLATE,
+    max_position_embeddings=262144,
+    # Qwen/Qwen3-VL-8B-Instruct: images 65536..16777216 px; videos
+    # 4096..25165824 px in total over the sampled frames.
+    image_pixels=(65536, 16777216),
+    video_pixels=(4096, 25165824),
+    # TINY_IMAGE_TOKENS an image, 768 a frame pair (the bound is the
+    # total over the frames, t * h * w).
+    tiny_max_pixels=(TINY_IMAGE_TOKENS * 32 * 32, 2 * 768 * 32 * 32),
+    image_mean=(0.5, 0.5, 0.5),
+    image_std=(0.5, 0.5, 0.5),
+    rope_theta=5000000.0,
+    mrope_section=(24, 20, 20),
+    mrope_interleaved=True,
+    # DeepStack features from three early and middle layers, as the
+    # 8B's 8, 16, 24 of 27.
+    vision_sizes={
+        size: {
+            "hidden_size": 64,
+            "intermediate_size": 256,
+            "num_heads": heads,
+            "depth": 8,
+            "deepstack_visual_indexes": [1, 3, 5],
+        }
+        for size, heads in (("tiny", 4), ("bench", 2))
+    },
+    vision_extra={"hidden_act": "gelu_pytorch_tanh", "num_position_embeddings": 2304},
+)
+
+# Qwen3.5's language model: Gated DeltaNet layers, then full attention every
+# fourth layer (the published 3:1), its linear-attention heads of 128 (the
+# only size vLLM's CPU kernel takes besides 64); the tiny one is one of each.
+_QWEN3_5_TEXT = {
+    "linear_conv_kernel_dim": 4,
+    "linear_key_head_dim": 128,
+    "linear_value_head_dim": 128,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+}
+_QWEN3_5_TINY = {"tiny": {"layer_types": ["linear_attention", "full_attention"]}}
+# Qwen3.5 (dense): Qwen3-VL's tower without DeepStack and processor, a hybrid LM.
+_QWEN3_5 = replace(
+    _QWEN3_VL,
+    config="Qwen3_5Config",
+    model="Qwen3_5ForConditionalGeneration",
+    tower="Qwen3_5VisionModel",
+    max_position_embeddings=262144,
+    rope_theta=10000000.0,
+    mrope_section=(11, 11, 10),
+    partial_rotary_factor=0.25,
+    vision_sizes={
+        size: {k: v for k, v in shape.items() if k != "deepstack_visual_indexes"}
+        for size, shape in _QWEN3_VL.vision_sizes.items()
+    },
+    text_extra=_QWEN3_5_TEXT,
+    text_sizes=_QWEN3_5_TINY,
+)
+# The MoE LMs: few small experts, sizes where an expert matrix read the wrong
+# way round cannot load (moe_intermediate_size 48: 2 x 48 and 48 are not 128).
+_MOE_TEXT = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 48}
+# The bench MoE LMs: 2 of 4 experts of 1024 a token, about the dense bench
+# LM's MLP work (checkpoints._lm_flops counts the routed experts only).
+_MOE_BENCH = {"bench": {"moe_intermediate_size": 1024}}
 
 _ROWS = (
     Family(
@@ -381,8 +475,8 @@ _ROWS = (
             # builds the video processor from the same file (same bounds).
             image_pixels=(3136, 12845056),
             video_pixels=(3136, 12845056),
-            # 1280 merged tokens an image, 768 a frame pair (the bound is per frame).
-            tiny_max_pixels=(1280 * 28 * 28, 768 * 28 * 28),
+            # TINY_IMAGE_TOKENS an image, 768 a frame pair (the bound is per frame).
+            tiny_max_pixels=(TINY_IMAGE_TOKENS * 28 * 28, 768 * 28 * 28),
             image_mean=OPENAI_CLIP_MEAN,
             image_std=OPENAI_CLIP_STD,
             rope_theta=1000000.0,
@@ -428,41 +522,77 @@ _ROWS = (
         module="qwen3_vl",
         layout="merged",
         videos=True,
-        checkpoint=Checkpoint(
-            config="Qwen3VLConfig",
-            model="Qwen3VLForConditionalGeneration",
-            processor="Qwen3VLProcessor",
-            image_processor="Qwen2VLImageProcessor",
-            video_processor="Qwen3VLVideoProcessor",
-            tower="Qwen3VLVisionModel",
-            patch_size=16,
-            chat_template=QWEN3_VL_CHAT_TEMPLATE,
-            max_position_embeddings=262144,
-            # Qwen/Qwen3-VL-8B-Instruct: images 65536..16777216 px; videos
-            # 4096..25165824 px in total over the sampled frames.
-            image_pixels=(65536, 16777216),
-            video_pixels=(4096, 25165824),
-            # 1280 merged tokens an image, 768 a frame pair (the bound is the
-            # total over the frames, t * h * w).
-            tiny_max_pixels=(1280 * 32 * 32, 2 * 768 * 32 * 32),
-            image_mean=(0.5, 0.5, 0.5),
-            image_std=(0.5, 0.5, 0.5),
-            rope_theta=5000000.0,
-            mrope_section=(24, 20, 20),
-            mrope_interleaved=True,
-            # DeepStack features from three early and middle layers, as the
-            # 8B's 8, 16, 24 of 27.
-            vision_sizes={
-                size: {
-                    "hidden_size": 64,
-                    "intermediate_size": 256,
-                    "num_heads": heads,
-                    "depth": 8,
-                    "deepstack_visual_indexes": [1, 3, 5],
-                }
-                for size, heads in (("tiny", 4), ("bench", 2))
+        checkpoint=_QWEN3_VL,
+        load=Load(**_QWEN_LOAD),
+    ),
+    Family(
+        name="qwen3-vl-moe",
+        title="Qwen3-VL-MoE",
+        architecture="Qwen3VLMoeForConditionalGeneration",
+        model_type="qwen3_vl_moe",
+        module="qwen3_vl_moe",
+        layout="merged",
+        videos=True,
+        checkpoint=replace(
+            _QWEN3_VL,
+            config="Qwen3VLMoeConfig",
+            model="Qwen3VLMoeForConditionalGeneration",
+            tower="Qwen3VLMoeVisionModel",
+            # vLLM reads norm_topk_prob (qwen3_moe.py), which transformers'
+            # config no longer declares; the published configs have it.
+            text_extra={
+                **_MOE_TEXT,
+                "decoder_sparse_step": 1,
+                "mlp_only_layers": [],
+                "norm_topk_prob": True,
             },
-            vision_extra={"hidden_act": "gelu_pytorch_tanh", "num_position_embeddings": 2304},
+            text_sizes=_MOE_BENCH,
+            experts="transposed",
+        ),
+        load=Load(**_QWEN_LOAD),
+    ),
+    Family(
+        name="qwen3.5",
+        title="Qwen3.5",
+        architecture="Qwen3_5ForConditionalGeneration",
+        model_type="qwen3_5",
+        module="qwen3_5",
+        layout="merged",
+        videos=True,
+        dtype="bfloat16",
+        checkpoint=_QWEN3_5,
+        load=Load(**_QWEN_LOAD),
+        # 1024 x 1024: 64 x 64 patches, 32 x 32 = 1024 tokens (no resize).
+        bench=Bench(
+            image=(1024, 1024),
+            tiles=1,
+            views=((32, 32),),
+            model="the published tower's layout scaled down, a hybrid Qwen3.5 LM of 10 "
+            "layers x 1024 (Gated DeltaNet, full attention in 3 and 7)",
+            max_model_len=8192,
+            kv_per_token=10 * 2 * 1024 * 4 * 2,
+            tower="bench (8 x 64)",
+            batches=(1, 4),
+            full_tower="qwen3.5",
+        ),
+    ),
+    Family(
+        name="qwen3.5-moe",
+        title="Qwen3.5-MoE",
+        architecture="Qwen3_5MoeForConditionalGeneration",
+        model_type="qwen3_5_moe",
+        module="qwen3_5",
+        layout="merged",
+        videos=True,
+        dtype="bfloat16",
+        checkpoint=replace(
+            _QWEN3_5,
+            config="Qwen3_5MoeConfig",
+            model="Qwen3_5MoeForConditionalGeneration",
+            tower="Qwen3_5MoeVisionModel",
+            text_extra={**_QWEN3_5_TEXT, **_MOE_TEXT, "shared_expert_intermediate_size": 48},
+            text_sizes={**_QWEN3_5_TINY, **_MOE_BENCH},
+            experts="per_expert",
         ),
         load=Load(**_QWEN_LOAD),
     ),

@@ -215,6 +215,26 @@ INTERNALS: tuple[Internal, ...] = (
         retire="as for Qwen2.5-VL",
     ),
     Internal(
+        what="Qwen3-VL-MoE, Qwen3.5 and Qwen3.5-MoE: `Qwen3VLMoeForConditionalGeneration`, `Qwen3_5ForConditionalGeneration`, `Qwen3_5MoeForConditionalGeneration` subclass `Qwen3VLForConditionalGeneration` with its processor and dummy builder and their own `ProcessingInfo` (`get_hf_config` of their config class); subclassed as Qwen3-VL is (the same tower call, video pruning and position hooks, through `HivtpQwen3VLModelMixin`); each `__init__` sets `is_multimodal_pruning_enabled` from the config, which the plugin resets after it to vLLM's own video pruning",
+        where="`model_executor/models/qwen3_vl_moe.py`, `qwen3_5.py`",
+        why="the models and their counts",
+        symbols=(
+            "vllm.model_executor.models.qwen3_vl_moe:Qwen3VLMoeForConditionalGeneration",
+            "vllm.model_executor.models.qwen3_vl_moe:Qwen3VLMoeProcessingInfo",
+            "vllm.model_executor.models.qwen3_5:Qwen3_5ForConditionalGeneration",
+            "vllm.model_executor.models.qwen3_5:Qwen3_5MoeForConditionalGeneration",
+            "vllm.model_executor.models.qwen3_5:Qwen3_5ProcessingInfo",
+            "vllm.model_executor.models.qwen3_5:Qwen3_5MoeProcessingInfo",
+        ),
+        code=("models.qwen3_vl_moe", "models.qwen3_5"),
+        runners=("V1", "V2"),
+        checked={
+            "0.32.0": "tests (in-process engine, servers, processor on both GPU builds)",
+            "0.33.0": "identical files",
+        },
+        retire="as for Qwen2.5-VL",
+    ),
+    Internal(
         what='M-RoPE step 1: `get_mrope_input_positions` of the stock class called on the prompt grown back to its unpruned length, with each `MultiModalFeatureSpec` copied by `dataclasses.replace` (a `PlaceholderRange` with the grown `offset` and `length`); `feature.data["image_grid_thw"]` present in the worker',
         where="`multimodal/inputs.py`, the two model files",
         why="exact text positions whatever the family's video rules",

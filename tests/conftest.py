@@ -23,6 +23,15 @@ def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-llava", size="tiny")
 
 
+def half_of_the_cores(turn: int) -> str:
+    """The first or (odd ``turn``) second half of the cores, as vLLM's
+    ``VLLM_CPU_OMP_THREADS_BIND`` takes a list ("0", "2-3")."""
+    cores = sorted(os.sched_getaffinity(0))
+    half = max(1, len(cores) // 2)
+    chosen = cores[half:] if turn % 2 and len(cores) > 1 else cores[:half]
+    return ",".join(map(str, chosen))
+
+
 @pytest.fixture(scope="session")
 def server_factory():
     """Start real ``vllm.entrypoints.openai.api_server`` subprocesses; stop them at the end."""
@@ -34,7 +43,15 @@ def server_factory():
         """``runner``: vLLM's model runner (tests/runners.py); ``wait=False``
         returns once launched, for servers that start side by side
         (``server.wait_ready()``)."""
-        server = VllmServer(model, list(args), plugin=plugin, env=runner_env(runner))
+        env = runner_env(runner)
+        if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            # vLLM's CPU build binds every server's model worker to the same
+            # cores (all but the last, kept for the engine): bind them to
+            # either half of the machine by turns instead, so servers side by
+            # side (a family's four; stock and the plugin answering at once)
+            # compute on all of it.
+            env["VLLM_CPU_OMP_THREADS_BIND"] = half_of_the_cores(len(started))
+        server = VllmServer(model, list(args), plugin=plugin, env=env)
         started.append(server)
         server.launch()
         if wait:
@@ -101,7 +118,7 @@ def family_servers(request, server_factory, tmp_path_factory) -> Served:
     ckpt = make_checkpoint(
         tmp_path_factory.mktemp(f"served-{family.name}") / "tiny", arch=family.name
     )
-    args = ("--max-model-len", str(family.max_model_len))
+    args = ("--max-model-len", str(family.max_model_len), "--dtype", family.dtype)
     if family.videos:
         args += ("--limit-mm-per-prompt", '{"image": 2, "video": 1}')
     servers = {

@@ -166,6 +166,10 @@ class Family:
         return self.row.max_model_len
 
     @property
+    def dtype(self) -> str:  # the test servers' (bfloat16 where vLLM's CPU kernels need it)
+        return self.row.dtype
+
+    @property
     def tile(self) -> int:
         """px of one view (LLaVA layouts)."""
         return self.row.checkpoint.image_size

@@ -23,25 +23,35 @@ def transformers_scores(
     return band.mean(dim=(0, 2, 3))[:, cls_tokens:]
 
 
+def qwen_model_class(arch: str) -> type:
+    """The transformers class of a merged family's checkpoint (its row's
+    ``checkpoint.model``): Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5..."""
+    from hivtp_vllm.families import FAMILIES
+
+    checkpoint = FAMILIES[arch].checkpoint
+    return checkpoint.resolve(checkpoint.model)
+
+
 def qwen_transformers_scores(
-    arch: str, checkpoint, pixel_values: torch.Tensor, grid_thw: torch.Tensor, band
+    arch: str,
+    checkpoint,
+    pixel_values: torch.Tensor,
+    grid_thw: torch.Tensor,
+    band,
+    dtype: torch.dtype = torch.float32,
 ) -> list[torch.Tensor]:
     """Per image, the mean attention each merged token's 4 patches receive
     over the ``band`` layers, all heads and the image's own queries, in
-    raster order, from transformers' Qwen2.5-VL or Qwen3-VL tower with eager
-    attention on the checkpoint's weights (attention weights read where
-    transformers' eager attention returns them, per image segment)."""
-    import transformers
+    raster order, from the family's transformers tower (Qwen2.5-VL's,
+    Qwen3-VL's, Qwen3.5's: the row's model class) with eager attention on the
+    checkpoint's weights in ``dtype`` (attention weights read where
+    transformers' eager attention returns them, per image segment; summed in
+    float32). The tower alone runs: nothing here masks any token."""
+    import sys
 
-    if arch == "qwen2.5-vl":
-        from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as module
-
-        model_cls = transformers.Qwen2_5_VLForConditionalGeneration
-    else:
-        from transformers.models.qwen3_vl import modeling_qwen3_vl as module
-
-        model_cls = transformers.Qwen3VLForConditionalGeneration
-    model = model_cls.from_pretrained(checkpoint, dtype=torch.float32, attn_implementation="eager")
+    model_cls = qwen_model_class(arch)
+    module = sys.modules[model_cls.__module__]  # whose eager_attention_forward the tower calls
+    model = model_cls.from_pretrained(checkpoint, dtype=dtype, attn_implementation="eager")
     tower = model.model.visual
     layer = {"now": None}
     received: dict[int, list[torch.Tensor]] = {}
@@ -51,7 +61,7 @@ def qwen_transformers_scores(
         out, weights = original(attention, query, key, value, *args, **kwargs)
         if layer["now"] in band:  # weights [1, heads, queries, keys]
             received.setdefault(layer["now"], []).append(
-                weights[0].sum(dim=1).mean(dim=0) / weights.shape[-2]
+                weights[0].float().sum(dim=1).mean(dim=0) / weights.shape[-2]
             )
         return out, weights
 
@@ -62,14 +72,16 @@ def qwen_transformers_scores(
     module.eager_attention_forward = eager
     try:
         with torch.no_grad():
-            tower(pixel_values, grid_thw=grid_thw)
+            tower(pixel_values.to(dtype), grid_thw=grid_thw)
     finally:
         module.eager_attention_forward = original
         for hook in hooks:
             hook.remove()
     per_position = torch.stack([torch.cat(received[i]) for i in band]).mean(dim=0)
     merged = per_position.view(-1, 4).mean(dim=1)
-    if arch == "qwen2.5-vl":  # the tower's window order, undone as its merger's output is
+    if getattr(tower.config, "fullatt_block_indexes", None):
+        # Windowed attention (Qwen2.5-VL): the tower's window order, undone
+        # as its merger's output is.
         window_index, _ = module.get_vision_window_index(
             grid_thw,
             spatial_merge_size=tower.spatial_merge_size,

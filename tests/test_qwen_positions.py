@@ -1,4 +1,4 @@
-"""M-RoPE positions on Qwen2.5-VL and Qwen3-VL beyond the image cases of
+"""M-RoPE positions on the merged (Qwen-VL) families beyond the image cases of
 test_qwen_vl.py: vLLM's own video pruning (``--video-pruning-rate``, EVS)
 alongside HIVTP, and positions past the prompt's length against the
 rotary table.
@@ -23,6 +23,7 @@ import requests
 import torch
 
 from hivtp_vllm import mrope
+from hivtp_vllm.families import FAMILIES, TINY_IMAGE_TOKENS
 from hivtp_vllm.pruning import num_retained
 from hivtp_vllm.tools.local_server import image_data_url, in_process_llm
 from tests.helpers import chat_with_video, noise, prompt_tokens, video_data_url
@@ -32,12 +33,29 @@ MAX_LEN = 4096
 RATE = 0.5  # vLLM's --video-pruning-rate
 FRAMES, FRAME_SIZE = 8, (112, 112)
 IMAGE_SIZE = (448, 224)
-UNIT = {"qwen2.5-vl": 28, "qwen3-vl": 32}  # pixels per merged token side
 
 
 @pytest.fixture(scope="module")
 def arch(qwen_arch) -> str:
     return qwen_arch
+
+
+def unit(arch: str) -> int:
+    """Pixels per merged token side: the row's patch size x the 2 x 2 merge."""
+    return 2 * FAMILIES[arch].checkpoint.patch_size
+
+
+def engine_options(arch: str) -> dict:
+    """in_process_llm's options the family needs: its dtype (float32, or
+    bfloat16 where vLLM's CPU kernels take nothing else: Qwen3.5)."""
+    return {"dtype": FAMILIES[arch].dtype}
+
+
+def timestamped_frames(arch: str) -> bool:
+    """Whether the family's video frames are separated by timestamps
+    (Qwen3-VL's video processor, which Qwen3-VL-MoE and Qwen3.5 share):
+    vLLM's video pruning then lays a run out frame by frame."""
+    return FAMILIES[arch].checkpoint.video_processor == "Qwen3VLVideoProcessor"
 
 
 def messages(video: str, image: str) -> list[dict]:
@@ -122,10 +140,11 @@ def unpruned_index(arch, config, full_ids, ids, kept_image, kept_video, frame_to
     """For each token of the pruned prompt, its index in the unpruned one.
 
     Walks both prompts: text tokens pair up; the image's slots are its kept
-    tokens; the video's are its kept tokens (Qwen2.5-VL), or, for Qwen3-VL,
-    the run vLLM's video pruning lays out from the first frame's tokens on:
-    each frame's kept tokens, ``<|vision_end|>``, the next frame's timestamp
-    and ``<|vision_start|>``.
+    tokens; the video's are its kept tokens (Qwen2.5-VL), or, for Qwen3-VL
+    and the families with its timestamped frames, the run vLLM's video
+    pruning lays out from the first frame's tokens on: each frame's kept
+    tokens, ``<|vision_end|>``, the next frame's timestamp and
+    ``<|vision_start|>``.
     """
     out, a, b = [], 0, 0
     while b < len(ids):
@@ -141,7 +160,7 @@ def unpruned_index(arch, config, full_ids, ids, kept_image, kept_video, frame_to
                 frame = kept_video[f * frame_tokens : (f + 1) * frame_tokens]
                 layout += [a + k for k in frame.nonzero().flatten().tolist()]
                 a += frame_tokens
-                if arch == "qwen3-vl":  # the text up to the next frame's tokens
+                if timestamped_frames(arch):  # the text up to the next frame's tokens
                     last = f == len(kept_video) // frame_tokens - 1
                     while a < len(full_ids) and full_ids[a] != config.video_token_id:
                         layout.append(a)
@@ -166,7 +185,9 @@ def test_positions_with_both_prunings_are_the_unpruned_ones(tiny_qwen, arch):
 
     msgs = messages(video_data_url(90, FRAMES, FRAME_SIZE), image_data_url(91, *IMAGE_SIZE))
     limit = {"image": 1, "video": 1}
-    with in_process_llm(tiny_qwen, max_model_len=MAX_LEN, limit_mm_per_prompt=limit) as llm:
+    with in_process_llm(
+        tiny_qwen, max_model_len=MAX_LEN, limit_mm_per_prompt=limit, **engine_options(arch)
+    ) as llm:
         full_ids, want, want_decode, _ = _serve(llm, msgs, None)
         *_, want_end_decode, _ = _serve(llm, ENDS_IN_IMAGE, None)
         (config,) = llm.apply_model(lambda m: m.config)
@@ -182,6 +203,7 @@ def test_positions_with_both_prunings_are_the_unpruned_ones(tiny_qwen, arch):
         video_pruning_rate=RATE,
         max_num_batched_tokens=24,
         enable_chunked_prefill=True,
+        **engine_options(arch),
     ) as llm:
         ids, got, got_decode, records = _serve(llm, msgs, {"hivtp_retain_ratio": 0.25})
         _, end_got, end_decode, _ = _serve(llm, ENDS_IN_IMAGE, {"hivtp_num_tokens": 1})
@@ -191,7 +213,7 @@ def test_positions_with_both_prunings_are_the_unpruned_ones(tiny_qwen, arch):
     frame_tokens = h * w // 4
     kept_video = compute_retention_mask(video, (t, h, w), spatial_merge_size=2, q=RATE)
     image_rows = records["images"][-1]
-    rows, cols = IMAGE_SIZE[1] // UNIT[arch], IMAGE_SIZE[0] // UNIT[arch]
+    rows, cols = IMAGE_SIZE[1] // unit(arch), IMAGE_SIZE[0] // unit(arch)
     fields = mrope.read_channels(image_rows)
     kept_image = (fields[:, 2] * cols + fields[:, 3]).tolist()
     assert len(kept_image) == num_retained(rows * cols, 0.25)
@@ -228,12 +250,13 @@ def test_positions_past_the_prompt_stay_inside_the_rotary_table(tiny_qwen, arch)
     limit = 512
     text = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{}<|im_end|>\n"
     text += "<|im_start|>assistant\n"
-    wide = noise(1, 100 * UNIT[arch], 2 * UNIT[arch])  # 2 x 100 merged tokens
+    wide = noise(1, 100 * unit(arch), 2 * unit(arch))  # 2 x 100 merged tokens
     with in_process_llm(
         tiny_qwen,
         max_model_len=limit,
         hf_overrides={"text_config": {"max_position_embeddings": limit}},
         limit_mm_per_prompt={"image": 6},
+        **engine_options(arch),
     ) as llm:
         (out,) = llm.generate(
             {
@@ -248,7 +271,12 @@ def test_positions_past_the_prompt_stay_inside_the_rotary_table(tiny_qwen, arch)
         # Decoded to the end: the last positions are about 100 past the
         # last token's index, past max_position_embeddings.
         assert length + len(out.outputs[0].token_ids) == limit
-        tall = [noise(2 + i, 320 * UNIT[arch], 4 * UNIT[arch]) for i in range(6)]
+        # 2 x 320 merged tokens: at the tiny checkpoints' cap, so not resized
+        # (a larger image would be shrunk to it). One token each moves the
+        # prompt 6 x 319 past its length: 512 + 1914 > 4 x 512; 64 tokens each,
+        # 6 x 256: 512 + 1536 = 4 x 512 fits.
+        assert 2 * 320 <= TINY_IMAGE_TOKENS
+        tall = [noise(2 + i, 320 * unit(arch), 2 * unit(arch)) for i in range(6)]
         many = text.format("").replace(
             "<|vision_start|><|image_pad|><|vision_end|>",
             "<|vision_start|><|image_pad|><|vision_end|>" * 6,
@@ -283,9 +311,11 @@ def test_positions_past_the_prompt_stay_inside_the_rotary_table(tiny_qwen, arch)
 
 
 @pytest.fixture(scope="module")
-def video_pruning_servers(server_factory, tiny_qwen):
+def video_pruning_servers(server_factory, tiny_qwen, arch):
     """The plugin with vLLM's video pruning, on each model runner."""
     args = (
+        "--dtype",  # after local_server's float32: the family's
+        FAMILIES[arch].dtype,
         "--max-model-len",
         str(MAX_LEN),
         "--limit-mm-per-prompt",
@@ -316,11 +346,11 @@ def test_server_prunes_videos_by_vllm_and_images_by_hivtp(video_pruning_servers,
     video = video_data_url(92, FRAMES, FRAME_SIZE)
     image = image_data_url(93, *IMAGE_SIZE)
     frames = FRAMES // 2  # two frames a temporal patch
-    per_frame = (FRAME_SIZE[0] // UNIT[arch]) * (FRAME_SIZE[1] // UNIT[arch])
+    per_frame = (FRAME_SIZE[0] // unit(arch)) * (FRAME_SIZE[1] // unit(arch))
     kept = compute_retained_tokens_count(per_frame, frames, RATE)
     assert kept < per_frame * frames
     alone = prompt_tokens(chat_with_video(server, video, None, None))
-    n = (IMAGE_SIZE[0] // UNIT[arch]) * (IMAGE_SIZE[1] // UNIT[arch])
+    n = (IMAGE_SIZE[0] // unit(arch)) * (IMAGE_SIZE[1] // unit(arch))
     for kwargs, image_tokens in (
         (None, n),
         ({"hivtp_retain_ratio": 0.25}, num_retained(n, 0.25)),

@@ -1,4 +1,4 @@
-"""Qwen2.5-VL and Qwen3-VL processors: the pads and plans a request gets.
+"""The Qwen-VL processors (every merged family): the pads and plans a request gets.
 
 Needs no server and no GPU, so it also runs against each GPU build of vLLM
 (scripts/test.sh). Expected counts come from transformers' ``smart_resize``
@@ -11,12 +11,22 @@ import pytest
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 import hivtp_vllm
+from hivtp_vllm.families import FAMILIES, TINY_IMAGE_TOKENS
 from hivtp_vllm.pruning import num_retained
 from tests.helpers import noise
 
 SIZES = ((448, 336), (1000, 30), (13, 7), (4000, 3000))
-# The tiny checkpoints' pixel bounds and px per merged token.
-BOUNDS = {"qwen2.5-vl": (3136, 1_003_520, 28), "qwen3-vl": (65536, 1_310_720, 32)}
+# The tiny checkpoints' pixel bounds and px per merged token, per merged
+# family: published min_pixels, TINY_IMAGE_TOKENS merged tokens at most.
+BOUNDS = {
+    name: (
+        row.checkpoint.image_pixels[0],
+        TINY_IMAGE_TOKENS * (2 * row.checkpoint.patch_size) ** 2,
+        2 * row.checkpoint.patch_size,
+    )
+    for name, row in FAMILIES.items()
+    if row.layout == "merged"
+}
 
 
 @pytest.fixture(scope="module", params=list(BOUNDS))

@@ -43,23 +43,18 @@ class HivtpQwen3VLMultiModalProcessor(HivtpQwenProcessorMixin, Qwen3VLMultiModal
     """Qwen3-VL processor with K image pads per image; videos as in vLLM."""
 
 
-@MULTIMODAL_REGISTRY.register_processor(
-    HivtpQwen3VLMultiModalProcessor,
-    info=HivtpQwen3VLProcessingInfo,
-    dummy_inputs=Qwen3VLDummyInputsBuilder,
-)
-class HivtpQwen3VLForConditionalGeneration(HivtpQwenModelMixin, Qwen3VLForConditionalGeneration):
-    """Qwen3-VL whose image embeddings (and DeepStack features) are pruned to K."""
-
-    supports_encoder_tp_data = True  # docs/vllm-internals.md: supports_encoder_tp_data
+class HivtpQwen3VLModelMixin(HivtpQwenModelMixin):
+    """Qwen3-VL's tower, DeepStack rows and video pruning, for every model
+    vLLM builds on ``Qwen3VLForConditionalGeneration`` (Qwen3-VL, its MoE,
+    Qwen3.5 dense and MoE): they share its tower, processor and video code."""
 
     def hivtp_run_tower(self, pixel_values: torch.Tensor, grid_thw: list[list[int]]):
-        merged = self.visual(pixel_values, grid_thw=grid_thw)
+        merged = self.visual(pixel_values, grid_thw=grid_thw)  # type: ignore[attr-defined]
         return merged, lambda scores: scores
 
     def hivtp_video_runs(self, input_tokens, feature) -> list[tuple[int, int, int, int]]:
         """One run a frame whose token count differs from the unpruned one."""
-        config = self.config
+        config = self.config  # type: ignore[attr-defined]
         place = feature.mm_position
         _, h, w = feature.data["video_grid_thw"].data.tolist()
         per_frame = h * w // MERGE_UNIT
@@ -77,7 +72,7 @@ class HivtpQwen3VLForConditionalGeneration(HivtpQwenModelMixin, Qwen3VLForCondit
     def hivtp_pruned_videos(self, embeds, video_input):
         # vLLM's own: prune, lay the run out, embed its text; the position
         # columns come from _get_expanded_positions below.
-        return self._postprocess_video_embeds_evs(embeds, video_input)
+        return self._postprocess_video_embeds_evs(embeds, video_input)  # type: ignore[attr-defined]
 
     def _get_expanded_positions(self, *args, **kwargs) -> torch.Tensor:
         # Overrides vLLM's (0.32 and 0.33, qwen3_vl.py), which gives a pruned
@@ -85,8 +80,19 @@ class HivtpQwen3VLForConditionalGeneration(HivtpQwenModelMixin, Qwen3VLForCondit
         # three, unpruned positions from the run's start, are exact here
         # (int64) and round once cast to the embedding dtype, so they are
         # written as this plugin's columns instead.
-        columns = super()._get_expanded_positions(*args, **kwargs)
+        columns = super()._get_expanded_positions(*args, **kwargs)  # type: ignore[misc]
         lead = int(columns[:, 3].nonzero()[0]) + 1  # the first frame's <|vision_start|>, + 1
         slots = torch.arange(len(columns))
         channels = mrope.row_channels(slots, columns[:, :3], lead, columns.dtype)
         return channels.to(columns.device)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    HivtpQwen3VLMultiModalProcessor,
+    info=HivtpQwen3VLProcessingInfo,
+    dummy_inputs=Qwen3VLDummyInputsBuilder,
+)
+class HivtpQwen3VLForConditionalGeneration(HivtpQwen3VLModelMixin, Qwen3VLForConditionalGeneration):
+    """Qwen3-VL whose image embeddings (and DeepStack features) are pruned to K."""
+
+    supports_encoder_tp_data = True  # docs/vllm-internals.md: supports_encoder_tp_data

@@ -58,6 +58,7 @@ __all__ = [
     "build_qwen_tokenizer",
     "tokenizer_for",
     "make_checkpoint",
+    "published_experts",
     "flops_per_image",
     "summary",
     "main",
@@ -303,6 +304,7 @@ def make_checkpoint(
     model = model_cls(config).eval()
     if merged:  # transformers 5.x names, which vLLM's hf_to_vllm_mapper reads as is
         state = {k: t.detach().contiguous() for k, t in model.state_dict().items()}
+        state = published_experts(state, ck.experts)
     else:
         state = hub_state_dict(model)
     # Same metadata as save_pretrained; transformers refuses files without it.
@@ -318,6 +320,33 @@ def make_checkpoint(
     processor.image_processor.save_pretrained(out)  # preprocessor_config.json
     if merged:  # as the Qwen-VL repos ship it: video_preprocessor_config.json
         processor.video_processor.save_pretrained(out)
+    return out
+
+
+def published_experts(
+    state: dict[str, torch.Tensor], layout: str | None
+) -> dict[str, torch.Tensor]:
+    """A MoE LM's fused experts (``mlp.experts.gate_up_proj`` [E, 2I, H],
+    ``mlp.experts.down_proj`` [E, H, I], as the transformers model keeps and
+    saves them) in the published layout (``Checkpoint.experts``), which
+    transformers' loader converts back and vLLM's loads as it is."""
+    if layout is None:
+        return state
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        stem, _, name = key.rpartition("mlp.experts.")
+        if name not in ("gate_up_proj", "down_proj"):
+            out[key] = tensor
+        elif layout == "transposed":
+            out[key] = tensor.transpose(1, 2).contiguous()
+        elif name == "down_proj":
+            for e, matrix in enumerate(tensor):
+                out[f"{stem}mlp.experts.{e}.down_proj.weight"] = matrix.contiguous()
+        else:
+            for e, matrix in enumerate(tensor):
+                gate, up = matrix.chunk(2)
+                out[f"{stem}mlp.experts.{e}.gate_proj.weight"] = gate.contiguous()
+                out[f"{stem}mlp.experts.{e}.up_proj.weight"] = up.contiguous()
     return out
 
 
@@ -339,18 +368,35 @@ def _generation_config(family: Family, tokenizer: PreTrainedTokenizerFast) -> Ge
 
 def _lm_flops(text: PreTrainedConfig, tokens: int) -> int:
     """Forward FLOPs (2 per multiply-add) of ``tokens`` visual tokens through
-    every decoder layer: GQA-aware projections, SwiGLU MLP, causal attention
-    counted as half the T x T scores. LM head excluded: prefill only needs
-    logits for the last position."""
+    every decoder layer: GQA-aware projections, causal attention counted as
+    half the T x T scores, and the MLP: SwiGLU, or for a MoE LM the experts a
+    token is routed to (``num_experts_per_tok``), any shared expert and the
+    router. A hybrid LM's linear-attention layers (``layer_types``) count
+    their projections and the per-token state update instead of attention.
+    LM head excluded: prefill only needs logits for the last position."""
     hid = text.hidden_size
     hd = getattr(text, "head_dim", None) or hid // text.num_attention_heads
     q, kv = text.num_attention_heads * hd, text.num_key_value_heads * hd
-    layer = (
-        2 * tokens * (hid * q + 2 * hid * kv + q * hid)
-        + 6 * tokens * hid * text.intermediate_size
-        + 2 * tokens * tokens * q
-    )
-    return text.num_hidden_layers * layer
+    attention = 2 * tokens * (hid * q + 2 * hid * kv + q * hid) + 2 * tokens * tokens * q
+    experts = getattr(text, "num_experts", None)
+    if experts:
+        shared = getattr(text, "shared_expert_intermediate_size", 0) or 0
+        routed = text.moe_intermediate_size * text.num_experts_per_tok
+        mlp = 6 * tokens * hid * (routed + shared) + 2 * tokens * hid * experts
+    else:
+        mlp = 6 * tokens * hid * text.intermediate_size
+    types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
+    linear = sum(t == "linear_attention" for t in types)
+    if linear:
+        k = text.linear_num_key_heads * text.linear_key_head_dim
+        v = text.linear_num_value_heads * text.linear_value_head_dim
+        heads = text.linear_num_value_heads
+        delta = 2 * tokens * (hid * (2 * k + 2 * v + 2 * heads) + v * hid) + 4 * tokens * heads * (
+            text.linear_key_head_dim * text.linear_value_head_dim
+        )
+    else:
+        delta = 0
+    return (len(types) - linear) * (attention + mlp) + linear * (delta + mlp)
 
 
 def flops_per_image(
@@ -659,15 +705,20 @@ def _merged_config(
     """The family's config: the LM of MERGED_SIZES with the family's M-RoPE,
     its tower of ``Checkpoint.vision_sizes``, and each one's extra entries."""
     ck = family.checkpoint
-    text_shape = dict(MERGED_SIZES[size])
+    text_shape = {**MERGED_SIZES[size], **ck.text_sizes.get(size, {})}
     head_dim = text_shape["hidden_size"] // text_shape["num_attention_heads"]
-    section = [s * head_dim // 128 for s in ck.mrope_section]
-    section[0] += head_dim // 2 - sum(section)  # sums to head_dim / 2 exactly
+    # The published section scaled to this rotary half, summing to it exactly.
+    half = int(head_dim * (ck.partial_rotary_factor or 1.0)) // 2
+    published = sum(ck.mrope_section)
+    section = [round(s * half / published) for s in ck.mrope_section]
+    section[0] += half - sum(section)
     rope = {"rope_type": "default", "rope_theta": ck.rope_theta, "mrope_section": section}
     if ck.mrope_interleaved:
         rope["mrope_interleaved"] = True
+    if ck.partial_rotary_factor is not None:
+        rope["partial_rotary_factor"] = ck.partial_rotary_factor
     text = dict(
-        **text_shape,
+        **MERGED_SIZES[size],
         vocab_size=len(tokenizer),
         max_position_embeddings=ck.max_position_embeddings,
         rms_norm_eps=1e-6,
@@ -677,8 +728,8 @@ def _merged_config(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
-        **ck.text_extra,
     )
+    text |= {**ck.text_extra, **ck.text_sizes.get(size, {})}  # the size's entries win
     config_cls = ck.resolve(ck.config)
     if _takes(config_cls.sub_configs["text_config"], "head_dim"):  # written out where it has one
         text["head_dim"] = head_dim
@@ -706,9 +757,9 @@ def _pixels(family: Family, size: str, modality: str) -> tuple[int, int]:
     vLLM profiles the encoder with the largest image and video the bounds
     allow (Qwen2.5-VL: 16384 merged tokens, 65536 patches in one
     full-attention sequence), minutes on a CPU. The tiny bounds stop images at
-    1280 merged tokens (the "max_pixels = 1280 * 28 * 28" of the Qwen model
-    cards, transformers' Qwen2VLImageProcessor default) and videos at 768 per
-    frame pair (qwen-vl-utils' VIDEO_MAX_TOKEN_NUM).
+    ``families.TINY_IMAGE_TOKENS`` merged tokens (half the "max_pixels = 1280 *
+    28 * 28" of the Qwen model cards) and videos at 768 per frame pair
+    (qwen-vl-utils' VIDEO_MAX_TOKEN_NUM).
     """
     ck = family.checkpoint
     image = modality == "image"

@@ -1,0 +1,61 @@
+"""Qwen3.5 (``Qwen3_5ForConditionalGeneration``) and Qwen3.5-MoE
+(``Qwen3_5MoeForConditionalGeneration``) with HIVTP pruning.
+
+vLLM builds both on Qwen3-VL (vllm/model_executor/models/qwen3_5.py): its
+tower (without DeepStack), processor and video pruning, with a hybrid
+language model (Gated DeltaNet layers between attention layers; dense or
+mixture-of-experts). HIVTP prunes before the language model
+(:class:`~hivtp_vllm.models.qwen3_vl.HivtpQwen3VLModelMixin`): the pruned
+prompt is a shorter prompt for the delta-net state and the KV cache alike,
+and its kept tokens keep their unpruned M-RoPE positions in the attention
+layers (the delta-net layers take no positions). vLLM's prefix caching of
+hybrid models works by the prompt's block hashes, which carry the image's
+hash and the request's options (docs/algorithm.md, "Hybrid language
+models").
+"""
+
+from __future__ import annotations
+
+from vllm.model_executor.models.qwen3_5 import (
+    Qwen3_5ForConditionalGeneration,
+    Qwen3_5MoeForConditionalGeneration,
+    Qwen3_5MoeProcessingInfo,
+    Qwen3_5ProcessingInfo,
+)
+from vllm.model_executor.models.qwen3_vl import Qwen3VLDummyInputsBuilder
+from vllm.multimodal import MULTIMODAL_REGISTRY
+
+from hivtp_vllm.models.qwen import HivtpQwenInfoMixin
+from hivtp_vllm.models.qwen3_vl import HivtpQwen3VLModelMixin, HivtpQwen3VLMultiModalProcessor
+
+
+class HivtpQwen3_5ProcessingInfo(HivtpQwenInfoMixin, Qwen3_5ProcessingInfo):
+    """Qwen3-VL's counts, read from Qwen3.5's config."""
+
+
+class HivtpQwen3_5MoeProcessingInfo(HivtpQwenInfoMixin, Qwen3_5MoeProcessingInfo):
+    """Qwen3-VL's counts, read from Qwen3.5-MoE's config."""
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    HivtpQwen3VLMultiModalProcessor,
+    info=HivtpQwen3_5ProcessingInfo,
+    dummy_inputs=Qwen3VLDummyInputsBuilder,
+)
+class HivtpQwen3_5ForConditionalGeneration(HivtpQwen3VLModelMixin, Qwen3_5ForConditionalGeneration):
+    """Qwen3.5 whose image embeddings are pruned to K."""
+
+    supports_encoder_tp_data = True  # docs/vllm-internals.md: supports_encoder_tp_data
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    HivtpQwen3VLMultiModalProcessor,
+    info=HivtpQwen3_5MoeProcessingInfo,
+    dummy_inputs=Qwen3VLDummyInputsBuilder,
+)
+class HivtpQwen3_5MoeForConditionalGeneration(
+    HivtpQwen3VLModelMixin, Qwen3_5MoeForConditionalGeneration
+):
+    """Qwen3.5-MoE whose image embeddings are pruned to K."""
+
+    supports_encoder_tp_data = True  # docs/vllm-internals.md: supports_encoder_tp_data
