@@ -237,6 +237,10 @@ class Family:
     bench: Bench | None = None  # None: no single-request benchmark section
     max_views: int | None = None  # anyres_max_N: the high-res grid shrinks past N views
     videos: bool = False  # the family takes videos (served as vLLM serves them)
+    # vLLM's own video pruning (--video-pruning-rate, EVS) works for the model,
+    # beside HIVTP's image pruning. Qwen3.5's classes never set it up in vLLM
+    # 0.32/0.33 (stock fails at the first video), so the plugin refuses it there.
+    video_pruning: bool = False
     max_model_len: int = 4096  # the test servers': room for the largest image's tokens
     # The test servers' dtype: float32 (exact comparisons), bfloat16 where
     # vLLM's CPU kernels need it (Qwen3.5's Gated DeltaNet layers).
@@ -460,6 +464,7 @@ _ROWS = (
         module="qwen2_5_vl",
         layout="merged",
         videos=True,
+        video_pruning=True,
         checkpoint=Checkpoint(
             config="Qwen2_5_VLConfig",
             model="Qwen2_5_VLForConditionalGeneration",
@@ -522,6 +527,7 @@ _ROWS = (
         module="qwen3_vl",
         layout="merged",
         videos=True,
+        video_pruning=True,
         checkpoint=_QWEN3_VL,
         load=Load(**_QWEN_LOAD),
     ),
@@ -533,6 +539,7 @@ _ROWS = (
         module="qwen3_vl_moe",
         layout="merged",
         videos=True,
+        video_pruning=True,
         checkpoint=replace(
             _QWEN3_VL,
             config="Qwen3VLMoeConfig",

@@ -215,7 +215,7 @@ INTERNALS: tuple[Internal, ...] = (
         retire="as for Qwen2.5-VL",
     ),
     Internal(
-        what="Qwen3-VL-MoE, Qwen3.5 and Qwen3.5-MoE: `Qwen3VLMoeForConditionalGeneration`, `Qwen3_5ForConditionalGeneration`, `Qwen3_5MoeForConditionalGeneration` subclass `Qwen3VLForConditionalGeneration` with its processor and dummy builder and their own `ProcessingInfo` (`get_hf_config` of their config class); subclassed as Qwen3-VL is (the same tower call, video pruning and position hooks, through `HivtpQwen3VLModelMixin`); each `__init__` sets `is_multimodal_pruning_enabled` from the config, which the plugin resets after it to vLLM's own video pruning",
+        what="Qwen3-VL-MoE, Qwen3.5 and Qwen3.5-MoE: `Qwen3VLMoeForConditionalGeneration`, `Qwen3_5ForConditionalGeneration`, `Qwen3_5MoeForConditionalGeneration` subclass `Qwen3VLForConditionalGeneration` with its processor and dummy builder and their own `ProcessingInfo` (`get_hf_config` of their config class); subclassed as Qwen3-VL is (the same tower call, video pruning and position hooks, through `HivtpQwen3VLModelMixin`); each `__init__` sets `is_multimodal_pruning_enabled` from the config, which the plugin resets after it to vLLM's own video pruning; the Qwen3.5 classes' `__init__` (`nn.Module.__init__`, not Qwen3-VL's) never calls `_init_video_pruning`, so `video_pruning_method` is missing and `--video-pruning-rate` fails at the first video: the plugin refuses that option at start for them",
         where="`model_executor/models/qwen3_vl_moe.py`, `qwen3_5.py`",
         why="the models and their counts",
         symbols=(
@@ -225,6 +225,7 @@ INTERNALS: tuple[Internal, ...] = (
             "vllm.model_executor.models.qwen3_5:Qwen3_5MoeForConditionalGeneration",
             "vllm.model_executor.models.qwen3_5:Qwen3_5ProcessingInfo",
             "vllm.model_executor.models.qwen3_5:Qwen3_5MoeProcessingInfo",
+            "vllm.model_executor.models.qwen3_vl:Qwen3VLForConditionalGeneration._init_video_pruning",
         ),
         code=("models.qwen3_vl_moe", "models.qwen3_5"),
         runners=("V1", "V2"),
@@ -232,7 +233,7 @@ INTERNALS: tuple[Internal, ...] = (
             "0.32.0": "tests (in-process engine, servers, processor on both GPU builds)",
             "0.33.0": "identical files",
         },
-        retire="as for Qwen2.5-VL",
+        retire="as for Qwen2.5-VL; the Qwen3.5 refusal of `--video-pruning-rate` when vLLM's Qwen3.5 classes call `_init_video_pruning`",
     ),
     Internal(
         what='M-RoPE step 1: `get_mrope_input_positions` of the stock class called on the prompt grown back to its unpruned length, with each `MultiModalFeatureSpec` copied by `dataclasses.replace` (a `PlaceholderRange` with the grown `offset` and `length`); `feature.data["image_grid_thw"]` present in the worker',
@@ -689,6 +690,20 @@ INTERNALS: tuple[Internal, ...] = (
             "0.33.0": "`api_server.py` identical: in both releases a deprecated shim (it warns) over `launchers/api_server/entry.main`, which differs; `llm.py` differs (*read*, not run)",
         },
         retire="`vllm serve` working with the CPU build's distribution name",
+    ),
+    Internal(
+        what="`vllm.distributed.parallel_state`: `model_parallel_is_initialized`, `destroy_model_parallel`, `destroy_distributed_environment`; an in-process engine (`vllm.LLM`) makes the process-wide parallel groups for its model when none exist (the expert-parallel group only for a MoE model) and reuses them otherwise (`ensure_model_parallel_initialized`)",
+        where="`distributed/parallel_state.py`",
+        why="`local_server.in_process_llm` (tests, benchmarks) takes down the groups an engine made when its block ends, so a MoE engine after a dense one makes its own expert-parallel group",
+        symbols=(
+            "vllm.distributed.parallel_state:model_parallel_is_initialized",
+            "vllm.distributed.parallel_state:destroy_model_parallel",
+            "vllm.distributed.parallel_state:destroy_distributed_environment",
+        ),
+        code=("tools.local_server",),
+        runners=(),
+        checked={"0.32.0": "tests (in-process engines, dense then MoE)", "0.33.0": "not run (tools only)"},
+        retire="an engine taking down the groups it made when it shuts down",
     ),
     Internal(
         what="(transformers, pinned by vLLM) `get_anyres_image_grid_shape`, `unpad_image`",

@@ -26,11 +26,17 @@ from hivtp_vllm import mrope
 from hivtp_vllm.families import FAMILIES, TINY_IMAGE_TOKENS
 from hivtp_vllm.pruning import num_retained
 from hivtp_vllm.tools.local_server import image_data_url, in_process_llm
-from tests.helpers import chat_with_video, noise, prompt_tokens, video_data_url
-from tests.runners import RUNNERS, assert_runs
+from tests.helpers import (
+    VIDEO_PRUNING_RATE,
+    chat_with_video,
+    noise,
+    prompt_tokens,
+    video_data_url,
+)
+from tests.runners import RUNNERS
 
 MAX_LEN = 4096
-RATE = 0.5  # vLLM's --video-pruning-rate
+RATE = VIDEO_PRUNING_RATE  # vLLM's --video-pruning-rate (the family servers' too)
 FRAMES, FRAME_SIZE = 8, (112, 112)
 IMAGE_SIZE = (448, 224)
 
@@ -177,11 +183,44 @@ def unpruned_index(arch, config, full_ids, ids, kept_image, kept_video, frame_to
     return out
 
 
-def test_positions_with_both_prunings_are_the_unpruned_ones(tiny_qwen, arch):
+# The merged families whose vLLM classes prune videos (Family.video_pruning),
+# and those whose classes never set it up (Qwen3.5), where the plugin refuses it.
+EVS_ARCHS = [name for name, row in FAMILIES.items() if row.layout == "merged" and row.video_pruning]
+NO_EVS_ARCHS = [
+    name for name, row in FAMILIES.items() if row.layout == "merged" and not row.video_pruning
+]
+
+
+@pytest.mark.parametrize("arch_", NO_EVS_ARCHS)
+def test_video_pruning_is_refused_at_start_where_vllm_never_sets_it_up(tmp_path, arch_):
+    """vLLM's Qwen3.5 classes never set up their video pruning (stock stops at
+    the first video): the plugin's model refuses the option when it is built,
+    naming it, before any request."""
+    from hivtp_vllm.tools.checkpoints import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / arch_, arch=arch_)
+    with pytest.raises(Exception, match="--video-pruning-rate is not supported"):
+        with in_process_llm(
+            ckpt,
+            max_model_len=MAX_LEN,
+            limit_mm_per_prompt={"image": 1, "video": 1},
+            video_pruning_rate=RATE,
+            **engine_options(arch_),
+        ):
+            pass
+    gc.collect()
+
+
+@pytest.mark.parametrize("arch", EVS_ARCHS)
+def test_positions_with_both_prunings_are_the_unpruned_ones(tmp_path, arch):
     from vllm.multimodal.video_prune.evs import (
         compute_retained_tokens_count,
         compute_retention_mask,
     )
+
+    from hivtp_vllm.tools.checkpoints import make_checkpoint
+
+    tiny_qwen = make_checkpoint(tmp_path / arch, arch=arch)
 
     msgs = messages(video_data_url(90, FRAMES, FRAME_SIZE), image_data_url(91, *IMAGE_SIZE))
     limit = {"image": 1, "video": 1}
@@ -310,45 +349,35 @@ def test_positions_past_the_prompt_stay_inside_the_rotary_table(tiny_qwen, arch)
 # -- server -----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def video_pruning_servers(server_factory, tiny_qwen, arch):
-    """The plugin with vLLM's video pruning, on each model runner."""
-    args = (
-        "--dtype",  # after local_server's float32: the family's
-        FAMILIES[arch].dtype,
-        "--max-model-len",
-        str(MAX_LEN),
-        "--limit-mm-per-prompt",
-        '{"image": 1, "video": 1}',
-        "--video-pruning-rate",
-        str(RATE),
-        "--trust-request-chat-template",  # RAW_TEMPLATE below
-    )
-    servers = {
-        runner: server_factory(tiny_qwen, *args, runner=runner, wait=False) for runner in RUNNERS
-    }
-    for runner, server in servers.items():
-        server.wait_ready()
-        assert_runs(server.log.name, runner)
-    yield servers
-    for server in servers.values():
-        server.stop()
+# Each merged family's shared servers (tests/conftest.py), which run vLLM's
+# video pruning where the family's vLLM class has it (Family.video_pruning).
+MERGED_SERVERS = pytest.mark.parametrize(
+    "family_servers", [n for n, r in FAMILIES.items() if r.layout == "merged"], indirect=True
+)
+
+
+def plugin_servers(family_servers) -> dict:
+    """The plugin's server on each runner."""
+    return {runner: family_servers.servers[(runner, True)] for runner in RUNNERS}
 
 
 @pytest.mark.server
+@MERGED_SERVERS
 @pytest.mark.parametrize("runner", RUNNERS)
-def test_server_prunes_videos_by_vllm_and_images_by_hivtp(video_pruning_servers, arch, runner):
+def test_server_prunes_videos_by_vllm_and_images_by_hivtp(family_servers, runner):
     """Counts as vLLM's video pruning sets them for the video, as the
     request's hivtp keys set them for the image; bad keys are still a 400."""
     from vllm.multimodal.video_prune.evs import compute_retained_tokens_count
 
-    server = video_pruning_servers[runner]
+    arch = family_servers.family.name
+    server = plugin_servers(family_servers)[runner]
     video = video_data_url(92, FRAMES, FRAME_SIZE)
     image = image_data_url(93, *IMAGE_SIZE)
     frames = FRAMES // 2  # two frames a temporal patch
     per_frame = (FRAME_SIZE[0] // unit(arch)) * (FRAME_SIZE[1] // unit(arch))
-    kept = compute_retained_tokens_count(per_frame, frames, RATE)
-    assert kept < per_frame * frames
+    if FAMILIES[arch].video_pruning:
+        kept = compute_retained_tokens_count(per_frame, frames, RATE)
+        assert kept < per_frame * frames
     alone = prompt_tokens(chat_with_video(server, video, None, None))
     n = (IMAGE_SIZE[0] // unit(arch)) * (IMAGE_SIZE[1] // unit(arch))
     for kwargs, image_tokens in (
@@ -369,13 +398,14 @@ def test_server_prunes_videos_by_vllm_and_images_by_hivtp(video_pruning_servers,
 
 
 @pytest.mark.server
-def test_video_pruning_gives_the_same_answer_on_both_runners(video_pruning_servers):
+@MERGED_SERVERS
+def test_video_pruning_gives_the_same_answer_on_both_runners(family_servers):
     """A pruned video next to a pruned image: the same prompt and greedy
     tokens on V1 and V2 (positions placed by each runner's hook)."""
     video = video_data_url(94, FRAMES, FRAME_SIZE)
     image = image_data_url(95, *IMAGE_SIZE)
     answers = {}
-    for runner, server in video_pruning_servers.items():
+    for runner, server in plugin_servers(family_servers).items():
         response = chat_with_video(server, video, image, {"hivtp_retain_ratio": 0.25})
         assert response.status_code == 200, response.text
         body = response.json()
@@ -394,7 +424,8 @@ RAW_TEMPLATE = (
 
 
 @pytest.mark.server
-def test_a_prompt_ending_in_a_pruned_image_decodes_alike_on_both_runners(video_pruning_servers):
+@MERGED_SERVERS
+def test_a_prompt_ending_in_a_pruned_image_decodes_alike_on_both_runners(family_servers):
     """Decoding after a prompt whose last tokens are a pruned image's starts
     after the unpruned image on V1 (test above, positions read in the model);
     V2 hands the position hook a copy of the positions, and its offset comes
@@ -403,7 +434,7 @@ def test_a_prompt_ending_in_a_pruned_image_decodes_alike_on_both_runners(video_p
     # so its position + 1 is short of where the unpruned image ends.
     image = image_data_url(96, 20 * 32, 6 * 32)
     answers = {}
-    for runner, server in video_pruning_servers.items():
+    for runner, server in plugin_servers(family_servers).items():
         body = {
             "model": server.model,
             "messages": [

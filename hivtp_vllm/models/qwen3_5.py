@@ -25,8 +25,30 @@ from vllm.model_executor.models.qwen3_5 import (
 from vllm.model_executor.models.qwen3_vl import Qwen3VLDummyInputsBuilder
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
+from hivtp_vllm import vllm_compat
 from hivtp_vllm.models.qwen import HivtpQwenInfoMixin
 from hivtp_vllm.models.qwen3_vl import HivtpQwen3VLModelMixin, HivtpQwen3VLMultiModalProcessor
+
+
+class HivtpQwen3_5ModelMixin(HivtpQwen3VLModelMixin):
+    """Refuses vLLM's video pruning, which vLLM's Qwen3.5 classes never set up.
+
+    Their ``__init__`` (vLLM 0.32 and 0.33, qwen3_5.py) sets the pruning rate
+    but not ``video_pruning_method`` (``Qwen3VLForConditionalGeneration.
+    _init_video_pruning`` is not called), so with ``--video-pruning-rate``
+    stock vLLM stops at the first video (``_postprocess_video_embeds_evs``).
+    Refusing at start says so before any client is served.
+    """
+
+    def __init__(self, *, vllm_config, prefix: str = "model") -> None:
+        if vllm_compat.video_pruning_on(vllm_config):
+            raise ValueError(
+                "hivtp: --video-pruning-rate is not supported for "
+                f"{vllm_config.model_config.architecture}: vLLM's Qwen3.5 classes do not set "
+                "up their video pruning (stock vLLM fails at the first video). Serve without "
+                "it; hivtp's image pruning (hivtp_retain_ratio, hivtp_num_tokens) is unaffected."
+            )
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
 
 
 class HivtpQwen3_5ProcessingInfo(HivtpQwenInfoMixin, Qwen3_5ProcessingInfo):
@@ -42,7 +64,7 @@ class HivtpQwen3_5MoeProcessingInfo(HivtpQwenInfoMixin, Qwen3_5MoeProcessingInfo
     info=HivtpQwen3_5ProcessingInfo,
     dummy_inputs=Qwen3VLDummyInputsBuilder,
 )
-class HivtpQwen3_5ForConditionalGeneration(HivtpQwen3VLModelMixin, Qwen3_5ForConditionalGeneration):
+class HivtpQwen3_5ForConditionalGeneration(HivtpQwen3_5ModelMixin, Qwen3_5ForConditionalGeneration):
     """Qwen3.5 whose image embeddings are pruned to K."""
 
     supports_encoder_tp_data = True  # docs/vllm-internals.md: supports_encoder_tp_data
@@ -54,7 +76,7 @@ class HivtpQwen3_5ForConditionalGeneration(HivtpQwen3VLModelMixin, Qwen3_5ForCon
     dummy_inputs=Qwen3VLDummyInputsBuilder,
 )
 class HivtpQwen3_5MoeForConditionalGeneration(
-    HivtpQwen3VLModelMixin, Qwen3_5MoeForConditionalGeneration
+    HivtpQwen3_5ModelMixin, Qwen3_5MoeForConditionalGeneration
 ):
     """Qwen3.5-MoE whose image embeddings are pruned to K."""
 

@@ -90,7 +90,13 @@ def in_process_llm(model: Path | str, **overrides: object) -> Iterator[object]:
     saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM
+    from vllm.distributed import parallel_state
 
+    # The process-wide parallel groups are made by the first engine for its
+    # model (the expert-parallel group only for a MoE one): an engine that
+    # made them takes them down when it ends, so the next one makes its own.
+    # An engine opened inside another's block shares that one's.
+    fresh = not parallel_state.model_parallel_is_initialized()
     options = dict(
         dtype="float32", enforce_eager=True, max_model_len=4096, kv_cache_memory_bytes=1 << 28
     )
@@ -101,6 +107,9 @@ def in_process_llm(model: Path | str, **overrides: object) -> Iterator[object]:
             os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
         else:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved
+        if fresh:
+            parallel_state.destroy_model_parallel()
+            parallel_state.destroy_distributed_environment()
 
 
 class VllmServer:
