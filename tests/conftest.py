@@ -10,7 +10,6 @@ import pytest
 
 from hivtp_vllm import families as table
 from hivtp_vllm.tools.local_server import VllmServer
-from tests.helpers import VIDEO_PRUNING_RATE
 from tests.runners import RUNNERS, assert_runs, runner_env
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -119,13 +118,9 @@ def family_servers(request, server_factory, tmp_path_factory) -> Served:
     ckpt = make_checkpoint(
         tmp_path_factory.mktemp(f"served-{family.name}") / "tiny", arch=family.name
     )
-    # --trust-request-chat-template: tests that send a raw prompt's template.
     args = ("--max-model-len", str(family.max_model_len), "--dtype", family.dtype)
-    args += ("--trust-request-chat-template",)
     if family.videos:
         args += ("--limit-mm-per-prompt", '{"image": 2, "video": 1}')
-    if family.row.video_pruning:  # vLLM's own, beside HIVTP (tests/test_qwen_positions.py)
-        args += ("--video-pruning-rate", str(VIDEO_PRUNING_RATE))
     servers = {
         (runner, plugin): server_factory(ckpt, *args, plugin=plugin, runner=runner, wait=False)
         for runner in RUNNERS

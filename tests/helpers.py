@@ -9,10 +9,6 @@ import numpy as np
 import requests
 from PIL import Image
 
-# vLLM's --video-pruning-rate on the family servers of the families whose
-# vLLM class prunes videos (Family.video_pruning): stock and the plugin alike.
-VIDEO_PRUNING_RATE = 0.5
-
 
 def noise(seed: int, width: int, height: int) -> Image.Image:
     """A random-noise RGB image (deterministic per seed)."""

@@ -26,17 +26,11 @@ from hivtp_vllm import mrope
 from hivtp_vllm.families import FAMILIES, TINY_IMAGE_TOKENS
 from hivtp_vllm.pruning import num_retained
 from hivtp_vllm.tools.local_server import image_data_url, in_process_llm
-from tests.helpers import (
-    VIDEO_PRUNING_RATE,
-    chat_with_video,
-    noise,
-    prompt_tokens,
-    video_data_url,
-)
-from tests.runners import RUNNERS
+from tests.helpers import chat_with_video, noise, prompt_tokens, video_data_url
+from tests.runners import RUNNERS, assert_runs
 
 MAX_LEN = 4096
-RATE = VIDEO_PRUNING_RATE  # vLLM's --video-pruning-rate (the family servers' too)
+RATE = 0.5  # vLLM's --video-pruning-rate
 FRAMES, FRAME_SIZE = 8, (112, 112)
 IMAGE_SIZE = (448, 224)
 
@@ -349,28 +343,43 @@ def test_positions_past_the_prompt_stay_inside_the_rotary_table(tiny_qwen, arch)
 # -- server -----------------------------------------------------------------
 
 
-# Each merged family's shared servers (tests/conftest.py), which run vLLM's
-# video pruning where the family's vLLM class has it (Family.video_pruning).
-MERGED_SERVERS = pytest.mark.parametrize(
-    "family_servers", [n for n, r in FAMILIES.items() if r.layout == "merged"], indirect=True
-)
-
-
-def plugin_servers(family_servers) -> dict:
-    """The plugin's server on each runner."""
-    return {runner: family_servers.servers[(runner, True)] for runner in RUNNERS}
+@pytest.fixture(scope="module")
+def video_pruning_servers(server_factory, tiny_qwen, arch):
+    """The plugin with vLLM's video pruning where the family's vLLM class has
+    it (``Family.video_pruning``; else videos unpruned), on each runner.
+    Plugin only: stock vLLM's V1 runner on the CPU build never calls the
+    position hook, so stock with --video-pruning-rate fails on every media
+    request there (``vllm_compat.let_cpu_v1_runner_recompute_mrope``)."""
+    args = (
+        "--dtype",  # after local_server's float32: the family's
+        FAMILIES[arch].dtype,
+        "--max-model-len",
+        str(MAX_LEN),
+        "--limit-mm-per-prompt",
+        '{"image": 1, "video": 1}',
+        "--trust-request-chat-template",  # RAW_TEMPLATE below
+    )
+    if FAMILIES[arch].video_pruning:
+        args += ("--video-pruning-rate", str(RATE))
+    servers = {
+        runner: server_factory(tiny_qwen, *args, runner=runner, wait=False) for runner in RUNNERS
+    }
+    for runner, server in servers.items():
+        server.wait_ready()
+        assert_runs(server.log.name, runner)
+    yield servers
+    for server in servers.values():
+        server.stop()
 
 
 @pytest.mark.server
-@MERGED_SERVERS
 @pytest.mark.parametrize("runner", RUNNERS)
-def test_server_prunes_videos_by_vllm_and_images_by_hivtp(family_servers, runner):
+def test_server_prunes_videos_by_vllm_and_images_by_hivtp(video_pruning_servers, arch, runner):
     """Counts as vLLM's video pruning sets them for the video, as the
     request's hivtp keys set them for the image; bad keys are still a 400."""
     from vllm.multimodal.video_prune.evs import compute_retained_tokens_count
 
-    arch = family_servers.family.name
-    server = plugin_servers(family_servers)[runner]
+    server = video_pruning_servers[runner]
     video = video_data_url(92, FRAMES, FRAME_SIZE)
     image = image_data_url(93, *IMAGE_SIZE)
     frames = FRAMES // 2  # two frames a temporal patch
@@ -398,14 +407,13 @@ def test_server_prunes_videos_by_vllm_and_images_by_hivtp(family_servers, runner
 
 
 @pytest.mark.server
-@MERGED_SERVERS
-def test_video_pruning_gives_the_same_answer_on_both_runners(family_servers):
+def test_video_pruning_gives_the_same_answer_on_both_runners(video_pruning_servers):
     """A pruned video next to a pruned image: the same prompt and greedy
     tokens on V1 and V2 (positions placed by each runner's hook)."""
     video = video_data_url(94, FRAMES, FRAME_SIZE)
     image = image_data_url(95, *IMAGE_SIZE)
     answers = {}
-    for runner, server in plugin_servers(family_servers).items():
+    for runner, server in video_pruning_servers.items():
         response = chat_with_video(server, video, image, {"hivtp_retain_ratio": 0.25})
         assert response.status_code == 200, response.text
         body = response.json()
@@ -424,8 +432,7 @@ RAW_TEMPLATE = (
 
 
 @pytest.mark.server
-@MERGED_SERVERS
-def test_a_prompt_ending_in_a_pruned_image_decodes_alike_on_both_runners(family_servers):
+def test_a_prompt_ending_in_a_pruned_image_decodes_alike_on_both_runners(video_pruning_servers):
     """Decoding after a prompt whose last tokens are a pruned image's starts
     after the unpruned image on V1 (test above, positions read in the model);
     V2 hands the position hook a copy of the positions, and its offset comes
@@ -434,7 +441,7 @@ def test_a_prompt_ending_in_a_pruned_image_decodes_alike_on_both_runners(family_
     # so its position + 1 is short of where the unpruned image ends.
     image = image_data_url(96, 20 * 32, 6 * 32)
     answers = {}
-    for runner, server in plugin_servers(family_servers).items():
+    for runner, server in video_pruning_servers.items():
         body = {
             "model": server.model,
             "messages": [
