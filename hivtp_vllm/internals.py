@@ -702,7 +702,10 @@ INTERNALS: tuple[Internal, ...] = (
         ),
         code=("tools.local_server",),
         runners=(),
-        checked={"0.32.0": "tests (in-process engines, dense then MoE)", "0.33.0": "not run (tools only)"},
+        checked={
+            "0.32.0": "tests (in-process engines, dense then MoE)",
+            "0.33.0": "not run (tools only)",
+        },
         retire="an engine taking down the groups it made when it shuts down",
     ),
     Internal(
