@@ -26,6 +26,7 @@ from hivtp_vllm import mrope
 from hivtp_vllm.families import FAMILIES, TINY_IMAGE_TOKENS
 from hivtp_vllm.pruning import num_retained
 from hivtp_vllm.tools.local_server import image_data_url, in_process_llm
+from tests.count_contract import FAMILIES as CONTRACT
 from tests.helpers import chat_with_video, noise, prompt_tokens, video_data_url
 from tests.runners import RUNNERS, assert_runs
 
@@ -38,11 +39,6 @@ IMAGE_SIZE = (448, 224)
 @pytest.fixture(scope="module")
 def arch(qwen_arch) -> str:
     return qwen_arch
-
-
-def unit(arch: str) -> int:
-    """Pixels per merged token side: the row's patch size x the 2 x 2 merge."""
-    return 2 * FAMILIES[arch].checkpoint.patch_size
 
 
 def engine_options(arch: str) -> dict:
@@ -246,7 +242,7 @@ def test_positions_with_both_prunings_are_the_unpruned_ones(tmp_path, arch):
     frame_tokens = h * w // 4
     kept_video = compute_retention_mask(video, (t, h, w), spatial_merge_size=2, q=RATE)
     image_rows = records["images"][-1]
-    rows, cols = IMAGE_SIZE[1] // unit(arch), IMAGE_SIZE[0] // unit(arch)
+    rows, cols = IMAGE_SIZE[1] // CONTRACT[arch].unit, IMAGE_SIZE[0] // CONTRACT[arch].unit
     fields = mrope.read_channels(image_rows)
     kept_image = (fields[:, 2] * cols + fields[:, 3]).tolist()
     assert len(kept_image) == num_retained(rows * cols, 0.25)
@@ -283,7 +279,7 @@ def test_positions_past_the_prompt_stay_inside_the_rotary_table(tiny_qwen, arch)
     limit = 512
     text = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{}<|im_end|>\n"
     text += "<|im_start|>assistant\n"
-    wide = noise(1, 100 * unit(arch), 2 * unit(arch))  # 2 x 100 merged tokens
+    wide = noise(1, 100 * CONTRACT[arch].unit, 2 * CONTRACT[arch].unit)  # 2 x 100 merged tokens
     with in_process_llm(
         tiny_qwen,
         max_model_len=limit,
@@ -309,7 +305,7 @@ def test_positions_past_the_prompt_stay_inside_the_rotary_table(tiny_qwen, arch)
         # prompt 6 x 319 past its length: 512 + 1914 > 4 x 512; 64 tokens each,
         # 6 x 256: 512 + 1536 = 4 x 512 fits.
         assert 2 * 320 <= TINY_IMAGE_TOKENS
-        tall = [noise(2 + i, 320 * unit(arch), 2 * unit(arch)) for i in range(6)]
+        tall = [noise(2 + i, 320 * CONTRACT[arch].unit, 2 * CONTRACT[arch].unit) for i in range(6)]
         many = text.format("").replace(
             "<|vision_start|><|image_pad|><|vision_end|>",
             "<|vision_start|><|image_pad|><|vision_end|>" * 6,
@@ -383,12 +379,12 @@ def test_server_prunes_videos_by_vllm_and_images_by_hivtp(video_pruning_servers,
     video = video_data_url(92, FRAMES, FRAME_SIZE)
     image = image_data_url(93, *IMAGE_SIZE)
     frames = FRAMES // 2  # two frames a temporal patch
-    per_frame = (FRAME_SIZE[0] // unit(arch)) * (FRAME_SIZE[1] // unit(arch))
+    per_frame = (FRAME_SIZE[0] // CONTRACT[arch].unit) * (FRAME_SIZE[1] // CONTRACT[arch].unit)
     if FAMILIES[arch].video_pruning:
         kept = compute_retained_tokens_count(per_frame, frames, RATE)
         assert kept < per_frame * frames
     alone = prompt_tokens(chat_with_video(server, video, None, None))
-    n = (IMAGE_SIZE[0] // unit(arch)) * (IMAGE_SIZE[1] // unit(arch))
+    n = (IMAGE_SIZE[0] // CONTRACT[arch].unit) * (IMAGE_SIZE[1] // CONTRACT[arch].unit)
     for kwargs, image_tokens in (
         (None, n),
         ({"hivtp_retain_ratio": 0.25}, num_retained(n, 0.25)),

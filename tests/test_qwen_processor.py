@@ -11,21 +11,18 @@ import pytest
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 import hivtp_vllm
-from hivtp_vllm.families import FAMILIES, TINY_IMAGE_TOKENS
 from hivtp_vllm.pruning import num_retained
+from tests.count_contract import FAMILIES as CONTRACT
 from tests.helpers import noise
 
 SIZES = ((448, 336), (1000, 30), (13, 7), (4000, 3000))
 # The tiny checkpoints' pixel bounds and px per merged token, per merged
-# family: published min_pixels, TINY_IMAGE_TOKENS merged tokens at most.
+# family (the count contract's reference: published min_pixels,
+# TINY_IMAGE_TOKENS merged tokens at most).
 BOUNDS = {
-    name: (
-        row.checkpoint.image_pixels[0],
-        TINY_IMAGE_TOKENS * (2 * row.checkpoint.patch_size) ** 2,
-        2 * row.checkpoint.patch_size,
-    )
-    for name, row in FAMILIES.items()
-    if row.layout == "merged"
+    name: (*family.pixel_bounds, family.unit)
+    for name, family in CONTRACT.items()
+    if family.layout == "merged"
 }
 
 

@@ -22,6 +22,7 @@ from hivtp_vllm.pruning import (
     windowed_band,
 )
 from hivtp_vllm.tools.local_server import in_process_llm
+from tests.count_contract import FAMILIES as CONTRACT
 from tests.helpers import noise
 from tests.reference_scores import qwen_model_class, qwen_transformers_scores
 
@@ -64,12 +65,6 @@ def arch(qwen_arch) -> str:
     return qwen_arch
 
 
-def unit(arch: str) -> int:
-    """Pixels per merged token side: the row's patch (14 for Qwen2.5-VL, 16
-    from Qwen3-VL on) x the 2 x 2 merge."""
-    return 2 * FAMILIES[arch].checkpoint.patch_size
-
-
 def dtype(arch: str) -> torch.dtype:
     """The engine's dtype for the family (float32 but where vLLM's CPU kernels need bfloat16)."""
     return getattr(torch, FAMILIES[arch].dtype)
@@ -77,7 +72,7 @@ def dtype(arch: str) -> torch.dtype:
 
 def merged_grid(arch: str, width: int, height: int) -> tuple[int, int]:
     """(rows, cols) of merged tokens of an image of one of ``SIZES``."""
-    return height // unit(arch), width // unit(arch)
+    return height // CONTRACT[arch].unit, width // CONTRACT[arch].unit
 
 
 def model_class(arch: str):

@@ -705,8 +705,19 @@ def _merged_config(
     """The family's config: the LM of MERGED_SIZES with the family's M-RoPE,
     its tower of ``Checkpoint.vision_sizes``, and each one's extra entries."""
     ck = family.checkpoint
-    text_shape = {**MERGED_SIZES[size], **ck.text_sizes.get(size, {})}
-    head_dim = text_shape["hidden_size"] // text_shape["num_attention_heads"]
+    text = dict(
+        **MERGED_SIZES[size],
+        vocab_size=len(tokenizer),
+        max_position_embeddings=ck.max_position_embeddings,
+        rms_norm_eps=1e-6,
+        hidden_act="silu",
+        bos_token_id=tokenizer.pad_token_id,  # <|endoftext|>, as published
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    text |= {**ck.text_extra, **ck.text_sizes.get(size, {})}  # the size's entries win
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
     # The published section scaled to this rotary half, summing to it exactly.
     half = int(head_dim * (ck.partial_rotary_factor or 1.0)) // 2
     published = sum(ck.mrope_section)
@@ -717,25 +728,13 @@ def _merged_config(
         rope["mrope_interleaved"] = True
     if ck.partial_rotary_factor is not None:
         rope["partial_rotary_factor"] = ck.partial_rotary_factor
-    text = dict(
-        **MERGED_SIZES[size],
-        vocab_size=len(tokenizer),
-        max_position_embeddings=ck.max_position_embeddings,
-        rms_norm_eps=1e-6,
-        hidden_act="silu",
-        rope_parameters=rope,
-        bos_token_id=tokenizer.pad_token_id,  # <|endoftext|>, as published
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    text |= {**ck.text_extra, **ck.text_sizes.get(size, {})}  # the size's entries win
+    text["rope_parameters"] = rope
     config_cls = ck.resolve(ck.config)
     if _takes(config_cls.sub_configs["text_config"], "head_dim"):  # written out where it has one
         text["head_dim"] = head_dim
     vision = dict(
         **ck.vision_sizes[size],
-        out_hidden_size=text_shape["hidden_size"],
+        out_hidden_size=text["hidden_size"],
         in_channels=3,
         patch_size=ck.patch_size,
         temporal_patch_size=2,
