@@ -66,6 +66,13 @@ def _options(parser) -> None:
     group.add_argument("--max-tokens", type=int, default=32)
     group.add_argument("--record", default="", help="append one JSON line per request here")
     group.add_argument(
+        "--request-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a request may take (connect and each read): one past it is a failed "
+        "request, recorded, rather than a user stuck until locust's --stop-timeout",
+    )
+    group.add_argument(
         "--repeat-images", action="store_true", help="send the image set as is (cache hits)"
     )
     group.add_argument(
@@ -183,10 +190,14 @@ class ChatUser(HttpUser):
                 json=body,
                 stream=True,
                 catch_response=True,
+                timeout=self.options.request_timeout,
                 name="request",
             ) as response:
                 if response.status_code != 200:
-                    error = f"HTTP {response.status_code}: {response.text[:200]}"
+                    # Status 0: no response at all (locust keeps the cause,
+                    # a timeout or a refused connection, in .error).
+                    detail = response.text or repr(getattr(response, "error", None))
+                    error = f"HTTP {response.status_code}: {detail[:200]}"
                     response.failure(error)
                     self._log(start, error=error)
                     return

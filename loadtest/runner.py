@@ -265,6 +265,9 @@ class Load:
     images: int
     image_sizes: str
     stop_timeout: int = 120
+    # Below stop_timeout: a stuck request ends as a recorded error before
+    # locust stops waiting for it.
+    request_timeout: int = 100
 
 
 # Each locust run stamps its images from its own base, so no image repeats
@@ -302,6 +305,8 @@ def locust_command(url: str, phase: Phase, load: Load, record: Path, stamp_base:
         load.image_sizes,
         "--record",
         str(record),
+        "--request-timeout",
+        str(load.request_timeout),
         "--stamp-base",
         str(stamp_base),
         *phase.locust_args(),
@@ -344,6 +349,14 @@ def run_phase(
     records = (
         [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
     )
+    if not any("error" not in r for r in records):
+        # Nothing to compare: say what locust and the records said, not a
+        # division by zero in the report.
+        errors = sorted({r["error"] for r in records})[:5]
+        raise RuntimeError(
+            f"phase {phase.label()}: no request completed in {time.monotonic() - started:.0f}s "
+            f"({len(records)} failed: {errors}); locust said:\n{output[-3000:]}"
+        )
     return summarise(records, samples)
 
 

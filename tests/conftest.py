@@ -132,3 +132,37 @@ def family_servers(request, server_factory, tmp_path_factory) -> Served:
     yield Served(family, ckpt, servers)
     for server in servers.values():
         server.stop()
+
+
+# Session-scoped servers hold 3-4 GB each (a family's four about 13 GB), and
+# pytest keeps a session fixture until the session ends. Left so, a family's
+# servers outlived their tests and shared the machine with the servers of the
+# tests after them (the load runner's three: 23 GB in all, which once stalled
+# a CI run). Each is stopped once the last test that needs it has run;
+# pytest groups the tests of one family together, so none is started twice.
+RELEASED_FIXTURES = ("family_servers", "shared_plugin_server")
+LAST_USERS = pytest.StashKey[dict]()
+
+
+def server_keys(item: pytest.Item) -> list[tuple[str, object]]:
+    """The session servers ``item`` needs, as (fixture, family or None)."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return [(name, params.get(name)) for name in RELEASED_FIXTURES if name in item.fixturenames]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
+    result = yield
+    session = item.session
+    if LAST_USERS not in session.stash:
+        session.stash[LAST_USERS] = {
+            key: i for i, it in enumerate(session.items) for key in server_keys(it)
+        }
+    last = session.stash[LAST_USERS]
+    here = session.items.index(item)
+    for name, family in server_keys(item):
+        if last[(name, family)] == here and name in item.funcargs:
+            held = item.funcargs[name]
+            for server in held.servers.values() if isinstance(held, Served) else [held]:
+                server.stop()
+    return result

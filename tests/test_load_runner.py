@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,55 @@ def test_each_phase_sends_its_kwargs_to_its_server(name, server, args, kwargs, l
     load = runner.Load(2, 2, 6, 4, 1, "336x336")
     cmd = runner.locust_command("http://h:1", phase, load, Path("r.jsonl"), 3 << 20)
     assert cmd[-len(args) - 2 :] == ["--stamp-base", str(3 << 20), *args]
+
+
+class StuckServer:
+    """A loopback HTTP server that answers /v1/models and /metrics but never
+    answers a chat request: a server that hangs, for the runner to face."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                body = b'{"data": [{"id": "m"}]}' if self.path == "/v1/models" else b""
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self) -> None:  # noqa: N802
+                threading.Event().wait(60)  # never answers in the test's time
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def scrape(self) -> dict:
+        return {}
+
+
+def test_a_phase_whose_requests_all_hang_fails_with_what_locust_recorded(tmp_path):
+    """A CI run once saw every request of a phase hang: locust waited out its
+    --stop-timeout, recorded nothing, and the report died on a division by
+    zero. A request past --request-timeout is now a recorded error, and a
+    phase that completes no request stops the run and says why."""
+    load = runner.Load(1, 1, 1, 4, 1, "336x336", stop_timeout=30, request_timeout=3)
+    assert "--request-timeout" in runner.locust_command(
+        "u", runner.Phase.parse("1"), load, Path("r"), 0
+    )
+    server = StuckServer()
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"phase r = 1.0: no request completed") as info:
+        runner.run_phase(server, runner.Phase.parse("1"), load, tmp_path)
+    assert "Read timed out" in str(info.value)
+    assert time.monotonic() - started < 25  # the request timeout, not the stop timeout
+    server.httpd.shutdown()
 
 
 def test_rounds_rotate_and_every_run_gets_its_own_images():
