@@ -11,7 +11,7 @@ import pytest
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 import hivtp_vllm
-from hivtp_vllm.families import FAMILIES, TINY_IMAGE_TOKENS
+from hivtp_vllm.families import FAMILIES, QWEN_SPECIALS, TINY_IMAGE_TOKENS
 from hivtp_vllm.pruning import num_retained
 from tests.helpers import noise
 
@@ -25,7 +25,7 @@ BOUNDS = {
         2 * row.checkpoint.patch_size,
     )
     for name, row in FAMILIES.items()
-    if row.layout == "merged"
+    if row.layout == "merged" and row.checkpoint.special_tokens == QWEN_SPECIALS  # Qwen's prompts
 }
 
 
