@@ -327,3 +327,46 @@ def test_video_pruning_rate_is_refused_at_start(checkpoint):
         with in_process_llm(checkpoint, max_model_len=MAX_LEN, video_pruning_rate=0.5):
             pass
     assert "GLM" in str(info.value) or "GLM" in repr(info.getrepr())
+
+
+def test_explain_scores_and_keeps_as_the_server(checkpoint, arch, tmp_path):
+    """``hivtp-vllm explain`` on GLM: transformers' scores of the GLM tower
+    (which the server's equal, above) and the spec's selection on them."""
+    import json
+
+    from transformers import AutoProcessor
+
+    from hivtp_vllm.tools.explain import explain
+
+    image = noise(33, *MODEL_SIZES[0])
+    image.save(tmp_path / "a.png")
+    explain(
+        str(checkpoint),
+        [tmp_path / "a.png"],
+        ratios=[0.25],
+        out_dir=tmp_path,
+        show_progress=False,
+        log=lambda _: None,
+    )
+    document = json.loads((tmp_path / "a.hivtp.json").read_text())
+    (view,) = document["views"]
+    rows, cols = MODEL_SIZES[0][1] // UNIT, MODEL_SIZES[0][0] // UNIT
+    assert view["grid"] == [rows, cols]
+    batch = AutoProcessor.from_pretrained(checkpoint).image_processor(
+        images=[image], return_tensors="pt"
+    )
+    row = FAMILIES[arch].checkpoint
+    vision = row.resolve(row.config).from_pretrained(checkpoint).vision_config
+    start, count = default_band(vision.depth)
+    (reference,) = qwen_transformers_scores(
+        arch,
+        checkpoint,
+        batch["pixel_values"],
+        batch["image_grid_thw"],
+        range(start, start + count),
+    )
+    torch.testing.assert_close(torch.tensor(view["scores"]), reference, rtol=1e-4, atol=1e-7)
+    (selection,) = document["selections"]
+    k = num_retained(rows * cols, 0.25)
+    assert selection["K"] == k
+    assert selection["views"][0]["kept"] == select_tokens(reference.view(rows, cols), k).tolist()

@@ -100,10 +100,13 @@ class HivtpGlm4vMultiModalProcessor(HivtpQwenProcessorMixin, Glm4vMultiModalProc
     """GLM's processor with K ``<|image|>`` tokens per image; videos as in vLLM."""
 
     def _apply_hf_processor_main(self, mm_items, hf_kwargs):
-        # vLLM's GLM processor hands its kwargs to the HF processor directly
-        # (ctx.call_hf_processor, which passes unknown keys on): keep ours out
-        # of it, and back for _finalize_hf_mm_data, whose post-processing
-        # reads the request and the warm-up marker from them.
+        # vLLM's GLM processor hands its kwargs to get_hf_processor and the
+        # HF processor directly (ctx.call_hf_processor, which passes unknown
+        # keys on: transformers then warns "Keyword argument `hivtp_resolved`
+        # is not a valid argument for this processor and will be ignored" on
+        # every request). Keep ours out of both, as _call_hf_processor does
+        # for the other families, and hand them back to _finalize_hf_mm_data,
+        # whose post-processing reads the request and the warm-up marker.
         ours, rest = params.split_hivtp_keys(hf_kwargs)
         token = _HIVTP_KWARGS.set(ours)
         try:
