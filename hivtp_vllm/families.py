@@ -95,6 +95,89 @@ QWEN3_VL_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
 )
 
+# GLM-4.1V-9B-Thinking's chat template without the thinking and metadata
+# branches: "[gMASK]<sop>", "<|user|>\n", an image as
+# <|begin_of_image|><|image|><|end_of_image|>, a video as
+# <|begin_of_video|><|video|><|end_of_video|>; it loops over
+# message['content'] (vLLM's "openai" content format).
+GLM4V_CHAT_TEMPLATE = (
+    "[gMASK]<sop>"
+    "{%- for msg in messages %}"
+    "{%- if msg.role == 'system' %}<|system|>\n{{ msg.content }}"
+    "{%- elif msg.role == 'user' %}<|user|>\n"
+    "{%- if msg.content is string %}{{ msg.content }}"
+    "{%- else %}{%- for item in msg.content %}"
+    "{%- if item.type == 'video' or 'video' in item %}<|begin_of_video|><|video|><|end_of_video|>"
+    "{%- elif item.type == 'image' or 'image' in item or 'image_url' in item %}"
+    "<|begin_of_image|><|image|><|end_of_image|>"
+    "{%- elif item.type == 'text' %}{{ item.text }}"
+    "{%- endif %}{%- endfor %}{%- endif %}"
+    "{%- elif msg.role == 'assistant' %}<|assistant|>\n{{ msg.content }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}<|assistant|>\n{%- endif %}"
+)
+
+# Qwen's special tokens, in the order of the real vocab (151643 ...): the
+# vision ones are what the processors and vLLM look up by name.
+QWEN_SPECIALS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+# GLM-4.5V's special tokens in the order of the real vocab (151329 ...);
+# GLM-4.1V's has the same names up to <|end_of_video|>. The vision ones are
+# looked up by name (the processor's <|image|> / <|video|>, vLLM's video
+# target <|begin_of_video|><|video|><|end_of_video|>, the config's ids).
+GLM4V_SPECIALS = (
+    "<|endoftext|>",
+    "[MASK]",
+    "[gMASK]",
+    "[sMASK]",
+    "<sop>",
+    "<eop>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|observation|>",
+    "<|begin_of_image|>",
+    "<|end_of_image|>",
+    "<|begin_of_video|>",
+    "<|end_of_video|>",
+    "<|begin_of_audio|>",
+    "<|end_of_audio|>",
+    "<|begin_of_transcription|>",
+    "<|end_of_transcription|>",
+    "<|code_prefix|>",
+    "<|code_middle|>",
+    "<|code_suffix|>",
+    "<think>",
+    "</think>",
+    "<tool_call>",
+    "</tool_call>",
+    "<tool_response>",
+    "</tool_response>",
+    "<arg_key>",
+    "</arg_key>",
+    "<arg_value>",
+    "</arg_value>",
+    "/nothink",
+    "<|begin_of_box|>",
+    "<|end_of_box|>",
+    "<|image|>",
+    "<|video|>",
+)
+
 # The tiny merged checkpoints' cap on an image's merged tokens (make-model
 # --size tiny): half the model cards' "max_pixels = 1280 * 28 * 28". The tower
 # attends over all 4 x 640 patches of a capped image, which is most of a
@@ -179,6 +262,17 @@ class Checkpoint:
     # "transposed" (fused, [E, H, 2I] and [E, I, H]: Qwen3-VL-MoE) or
     # "per_expert" (experts.N.{gate,up,down}_proj.weight: Qwen3.5-MoE).
     experts: Literal["transposed", "per_expert"] | None = None
+    # The tokenizer's special tokens (after the trained BPE), the config's
+    # token-id entries by token, and the tokens that end a reply (the first
+    # is the tokenizer's EOS; all of them generation_config's eos_token_id).
+    special_tokens: tuple[str, ...] = QWEN_SPECIALS
+    token_ids: tuple[tuple[str, str], ...] = (
+        ("image_token_id", "<|image_pad|>"),
+        ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"),
+        ("vision_end_token_id", "<|vision_end|>"),
+    )
+    end_tokens: tuple[str, ...] = ("<|im_end|>", "<|endoftext|>")
 
     @staticmethod
     def resolve(name: str) -> type:
@@ -338,6 +432,54 @@ _MOE_TEXT = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size"
 # The bench MoE LMs: 2 of 4 experts of 1024 a token, about the dense bench
 # LM's MLP work (checkpoints._lm_flops counts the routed experts only).
 _MOE_BENCH = {"bench": {"moe_intermediate_size": 1024}}
+
+# GLM-4.1V (zai-org/GLM-4.1V-9B-Thinking): patch 14, temporal patch 2, 2 x 2
+# merge, images resized as two frames (the bounds hold 2 * h * w), the CLIP
+# mean/std, a 336 px position table resampled per image; the LM's rotary
+# covers half of each head (partial_rotary_factor 0.5).
+_GLM4V = Checkpoint(
+    config="Glm4vConfig",
+    model="Glm4vForConditionalGeneration",
+    processor="Glm4vProcessor",
+    image_processor="Glm4vImageProcessor",
+    video_processor="Glm4vVideoProcessor",
+    tower="Glm4vVisionModel",
+    patch_size=14,
+    chat_template=GLM4V_CHAT_TEMPLATE,
+    max_position_embeddings=65536,
+    # Published: images 12544..9633792 px (6144 merged tokens: two frames of
+    # 28 x 28 px each); videos 12544..47040000 px over all frames.
+    image_pixels=(12544, 9633792),
+    video_pixels=(12544, 47040000),
+    # TINY_IMAGE_TOKENS an image (two frames), 768 a frame pair.
+    tiny_max_pixels=(2 * TINY_IMAGE_TOKENS * 28 * 28, 2 * 768 * 28 * 28),
+    image_mean=OPENAI_CLIP_MEAN,
+    image_std=OPENAI_CLIP_STD,
+    rope_theta=10000.0,
+    mrope_section=(8, 12, 12),
+    partial_rotary_factor=0.5,
+    gated_vision_mlp=True,
+    # The tower's MLP is hidden -> out_hidden_size (the LM's hidden); its
+    # intermediate_size is the merger's context (published: the LM's).
+    vision_sizes={
+        size: {"hidden_size": 64, "intermediate_size": 352, "num_heads": heads, "depth": 8}
+        for size, heads in (("tiny", 4), ("bench", 2))
+    },
+    vision_extra={"hidden_act": "silu", "image_size": 336, "rms_norm_eps": 1e-5},
+    # vLLM's glm4.py reads attention_bias (default False); transformers'
+    # GLM-4.1V attention always has q/k/v biases and no such entry.
+    text_extra={"attention_bias": True, "rms_norm_eps": 1e-5},
+    special_tokens=GLM4V_SPECIALS,
+    token_ids=(
+        ("image_token_id", "<|image|>"),
+        ("video_token_id", "<|video|>"),
+        ("image_start_token_id", "<|begin_of_image|>"),
+        ("image_end_token_id", "<|end_of_image|>"),
+        ("video_start_token_id", "<|begin_of_video|>"),
+        ("video_end_token_id", "<|end_of_video|>"),
+    ),
+    end_tokens=("<|endoftext|>", "<|user|>", "<|observation|>"),
+)
 
 _ROWS = (
     Family(
@@ -599,6 +741,54 @@ _ROWS = (
             tower="Qwen3_5MoeVisionModel",
             text_extra={**_QWEN3_5_TEXT, **_MOE_TEXT, "shared_expert_intermediate_size": 48},
             text_sizes={**_QWEN3_5_TINY, **_MOE_BENCH},
+            experts="per_expert",
+        ),
+        load=Load(**_QWEN_LOAD),
+    ),
+    Family(
+        name="glm4.1v",
+        title="GLM-4.1V",
+        architecture="Glm4vForConditionalGeneration",
+        model_type="glm4v",
+        module="glm4_1v",
+        layout="merged",
+        videos=True,
+        checkpoint=_GLM4V,
+        load=Load(**_QWEN_LOAD),
+    ),
+    Family(
+        name="glm4.5v",
+        title="GLM-4.5V",
+        architecture="Glm4vMoeForConditionalGeneration",
+        model_type="glm4v_moe",
+        module="glm4_1v",
+        layout="merged",
+        videos=True,
+        checkpoint=replace(
+            _GLM4V,
+            config="Glm4vMoeConfig",
+            model="Glm4vMoeForConditionalGeneration",
+            tower="Glm4vMoeVisionModel",
+            # vLLM's glm4_moe.py reads use_qk_norm and head_dim as attributes;
+            # head_dim != hidden / heads, as published (128 vs 4096 / 96).
+            # The first layer dense, then routed experts (I = 48: neither
+            # 2I nor I is the hidden 128, so a misread expert cannot load).
+            text_extra={
+                "attention_bias": True,
+                "rms_norm_eps": 1e-5,
+                "use_qk_norm": False,
+                "head_dim": 48,
+                "first_k_dense_replace": 1,
+                "n_routed_experts": 8,
+                "num_experts_per_tok": 2,
+                "n_shared_experts": 1,
+                "moe_intermediate_size": 48,
+                "n_group": 1,
+                "topk_group": 1,
+                "norm_topk_prob": True,
+                "routed_scaling_factor": 1.0,
+            },
+            text_sizes={"tiny": {"num_hidden_layers": 3}},
             experts="per_expert",
         ),
         load=Load(**_QWEN_LOAD),

@@ -70,8 +70,19 @@ def shared_plugin_server(server_factory, tiny_llava) -> VllmServer:
     return server_factory(tiny_llava)
 
 
-# The Qwen-VL families: the rows of the family table with the "merged" layout.
-QWEN_ARCHS = tuple(name for name, row in table.FAMILIES.items() if row.layout == "merged")
+# The Qwen-VL families: the rows of the family table with the "merged" layout
+# and Qwen's tokens (the modules that use them write Qwen's prompts; GLM's
+# rows, merged with their own tokens, are tests/test_glm4v.py's).
+QWEN_ARCHS = tuple(
+    name
+    for name, row in table.FAMILIES.items()
+    if row.layout == "merged" and row.checkpoint.special_tokens == table.QWEN_SPECIALS
+)
+GLM_ARCHS = tuple(
+    name
+    for name, row in table.FAMILIES.items()
+    if row.layout == "merged" and row.checkpoint.special_tokens == table.GLM4V_SPECIALS
+)
 
 
 @pytest.fixture(scope="module", params=QWEN_ARCHS)

@@ -238,10 +238,17 @@ def reference_views(
 
     side = family.side
     if family.layout == "merged":
-        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
-
         low, high = family.pixel_bounds
-        h, w = smart_resize(height, width, factor=family.unit, min_pixels=low, max_pixels=high)
+        if family.row.checkpoint.image_processor == "Glm4vImageProcessor":
+            # GLM resizes an image as a clip of two frames (temporal patch
+            # 2): its bounds hold 2 * h * w (docs/glm4v-notes.md, "(a)").
+            from transformers.models.glm4v.image_processing_glm4v import smart_resize as glm
+
+            h, w = glm(2, height, width, factor=family.unit, min_pixels=low, max_pixels=high)
+        else:
+            from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+            h, w = smart_resize(height, width, factor=family.unit, min_pixels=low, max_pixels=high)
         return [(h // family.unit) * (w // family.unit)], 0
     if family.layout == "single":
         return [side * side], 0

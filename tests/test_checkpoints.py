@@ -9,7 +9,7 @@ from typing import NamedTuple
 import pytest
 from safetensors import safe_open
 
-from hivtp_vllm.families import FAMILIES, TINY_IMAGE_TOKENS
+from hivtp_vllm.families import FAMILIES, QWEN_SPECIALS, TINY_IMAGE_TOKENS
 from hivtp_vllm.tools.checkpoints import flops_per_image, make_checkpoint
 
 
@@ -153,7 +153,12 @@ VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video
 
 
 def test_qwen_rows_cover_every_merged_family():
-    assert set(QWEN) == {n for n, f in FAMILIES.items() if f.layout == "merged"}
+    # GLM's rows (merged, GLM's tokens) are checked by tests/test_glm4v.py.
+    assert set(QWEN) == {
+        n
+        for n, f in FAMILIES.items()
+        if f.layout == "merged" and f.checkpoint.special_tokens == QWEN_SPECIALS
+    }
     for arch, row in QWEN.items():
         assert FAMILIES[arch].architecture == row.model
         assert FAMILIES[arch].dtype == ("bfloat16" if row.hybrid else "float32")

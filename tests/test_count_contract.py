@@ -9,6 +9,8 @@ random checkpoint; only the tower's outputs are random.
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 
@@ -87,14 +89,17 @@ def check_case(info, family, model, width: int, height: int, options: dict | Non
     from vllm.exceptions import VLLMValidationError
 
     request = info.hivtp_request(options or {})
-    if family.layout == "merged":  # Qwen-VL
+    if family.layout == "merged":  # Qwen-VL, GLM
+        # Qwen-VL's count takes the image processor and the request's
+        # kwargs; GLM's (vllm glm4_1v.py) the size alone.
+        takes = inspect.signature(info.get_num_image_tokens).parameters
+        extra = (
+            {"image_processor": info.get_image_processor(), "mm_kwargs": {}}
+            if "mm_kwargs" in takes
+            else {}
+        )
         try:
-            stock = info.get_num_image_tokens(
-                image_width=width,
-                image_height=height,
-                image_processor=info.get_image_processor(),
-                mm_kwargs={},
-            )
+            stock = info.get_num_image_tokens(image_width=width, image_height=height, **extra)
         except ValueError:
             # An aspect ratio over 200: vLLM refuses the image (a 400, stock
             # and plugin alike, tests/test_served_families.py); so does the count.

@@ -11,6 +11,7 @@ import pytest
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 import hivtp_vllm
+from hivtp_vllm.families import FAMILIES, QWEN_SPECIALS
 from hivtp_vllm.pruning import num_retained
 from tests.count_contract import FAMILIES as CONTRACT
 from tests.helpers import noise
@@ -23,6 +24,7 @@ BOUNDS = {
     name: (*family.pixel_bounds, family.unit)
     for name, family in CONTRACT.items()
     if family.layout == "merged"
+    and FAMILIES[name].checkpoint.special_tokens == QWEN_SPECIALS  # Qwen's prompts
 }
 
 

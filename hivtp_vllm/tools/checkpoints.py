@@ -56,6 +56,7 @@ __all__ = [
     "build_processor",
     "build_tokenizer",
     "build_qwen_tokenizer",
+    "build_merged_tokenizer",
     "tokenizer_for",
     "make_checkpoint",
     "published_experts",
@@ -240,7 +241,7 @@ def tokenizer_for(family: Family) -> PreTrainedTokenizerFast:
     """The tokenizer of the family's recipe: Llama-style special tokens with
     ``<image>`` (and ``<video>``) for tiled towers, Qwen's for merged ones."""
     if _merged(family):
-        return build_qwen_tokenizer()
+        return build_merged_tokenizer(family)
     ck = family.checkpoint
     return build_tokenizer(
         video=family.videos, max_length=ck.max_position_embeddings, chat_template=ck.chat_template
@@ -351,12 +352,14 @@ def published_experts(
 
 
 def _generation_config(family: Family, tokenizer: PreTrainedTokenizerFast) -> GenerationConfig:
-    """generation_config.json as published: Llama's ids, or Qwen's (no BOS:
-    ``<|endoftext|>`` stands in; both ``<|im_end|>`` and it end a reply)."""
+    """generation_config.json as published: Llama's ids, or a merged
+    family's (no BOS: ``<|endoftext|>`` stands in; each of
+    ``Checkpoint.end_tokens`` ends a reply: Qwen's ``<|im_end|>`` and
+    ``<|endoftext|>``, GLM's ``<|endoftext|>``, ``<|user|>``, ``<|observation|>``)."""
     if _merged(family):
         return GenerationConfig(
             bos_token_id=tokenizer.pad_token_id,
-            eos_token_id=[tokenizer.eos_token_id, tokenizer.pad_token_id],
+            eos_token_id=tokenizer.convert_tokens_to_ids(list(family.checkpoint.end_tokens)),
             pad_token_id=tokenizer.pad_token_id,
         )
     return GenerationConfig(
@@ -648,55 +651,38 @@ def _tiled_summary(out: Path, cfg: PreTrainedConfig) -> str:
 # for Qwen3-VL), temporal patch 2, 2 x 2 merge, smart_resize bounds. Images
 # get grid_thw = (1, H/p, W/p) patches and prod // 4 <|image_pad|> tokens.
 
-# Qwen's special tokens, in the order of the real vocab (151643 ...): the
-# vision ones are what the processors and vLLM look up by name.
-QWEN_SPECIALS = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|object_ref_start|>",
-    "<|object_ref_end|>",
-    "<|box_start|>",
-    "<|box_end|>",
-    "<|quad_start|>",
-    "<|quad_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
-QWEN_IMAGE_TOKEN, QWEN_VIDEO_TOKEN = "<|image_pad|>", "<|video_pad|>"
 
+def build_merged_tokenizer(family: Family) -> PreTrainedTokenizerFast:
+    """The module's byte-level BPE with the family's special tokens after it
+    (``Checkpoint.special_tokens``, 4096 tokens in all).
 
-def build_qwen_tokenizer() -> PreTrainedTokenizerFast:
-    """The module's byte-level BPE with Qwen's special tokens after it.
-
-    As in the real Qwen tokenizers: no BOS is ever added, ``<|im_end|>`` is
-    EOS, ``<|endoftext|>`` is padding, and every ``<|...|>`` token is a
-    single unsplittable special token at the end of the vocab.
+    As in the real Qwen and GLM tokenizers: no BOS is ever added (GLM's chat
+    template writes ``[gMASK]<sop>`` itself), the first of
+    ``Checkpoint.end_tokens`` is EOS, ``<|endoftext|>`` is padding, and every
+    special token is a single unsplittable token at the end of the vocab.
     """
-    tok = _train_bpe(BPE_VOCAB + 2 - len(QWEN_SPECIALS), [], unk=None)
+    ck = family.checkpoint
+    tok = _train_bpe(BPE_VOCAB + 2 - len(ck.special_tokens), [], unk=None)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        eos_token="<|im_end|>",
+        eos_token=ck.end_tokens[0],
         pad_token="<|endoftext|>",
         model_max_length=131072,
         padding_side="left",
     )
-    fast.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIALS)})
+    fast.add_special_tokens({"additional_special_tokens": list(ck.special_tokens)})
     return fast
 
 
-def _qwen_token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
+def build_qwen_tokenizer() -> PreTrainedTokenizerFast:
+    """Qwen's tokenizer (:func:`build_merged_tokenizer` of a Qwen-VL row)."""
+    return build_merged_tokenizer(FAMILIES["qwen2.5-vl"])
+
+
+def _token_ids(family: Family, tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
     """The config's ids of the vision tokens, looked up by name."""
     ids = tokenizer.convert_tokens_to_ids
-    return {
-        "image_token_id": ids(QWEN_IMAGE_TOKEN),
-        "video_token_id": ids(QWEN_VIDEO_TOKEN),
-        "vision_start_token_id": ids("<|vision_start|>"),
-        "vision_end_token_id": ids("<|vision_end|>"),
-    }
+    return {key: ids(token) for key, token in family.checkpoint.token_ids}
 
 
 def _merged_config(
@@ -717,7 +703,8 @@ def _merged_config(
         tie_word_embeddings=False,
     )
     text |= {**ck.text_extra, **ck.text_sizes.get(size, {})}  # the size's entries win
-    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    # A recipe's own head_dim (GLM-4.5V's is not hidden / heads), else hidden / heads.
+    head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
     # The published section scaled to this rotary half, summing to it exactly.
     half = int(head_dim * (ck.partial_rotary_factor or 1.0)) // 2
     published = sum(ck.mrope_section)
@@ -745,7 +732,7 @@ def _merged_config(
         text_config=text,
         vision_config=vision,
         tie_word_embeddings=False,
-        **_qwen_token_ids(tokenizer),
+        **_token_ids(family, tokenizer),
     )
 
 
@@ -786,9 +773,11 @@ def _merged_processor(
         size={"shortest_edge": lo, "longest_edge": hi}, **common
     )
     lo, hi = _pixels(family, size, "video")
-    video_processor = ck.resolve(ck.video_processor)(
-        size={"shortest_edge": lo, "longest_edge": hi}, **common
-    )
+    video_cls = ck.resolve(ck.video_processor)
+    video_bounds: dict[str, object] = {"size": {"shortest_edge": lo, "longest_edge": hi}}
+    if hasattr(video_cls, "max_image_size"):  # GLM's: the frames' total, capped again
+        video_bounds["max_image_size"] = {"longest_edge": hi}
+    video_processor = video_cls(**video_bounds, **common)
     return ck.resolve(ck.processor)(
         image_processor=image_processor,
         video_processor=video_processor,

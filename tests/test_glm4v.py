@@ -1,0 +1,372 @@
+"""GLM-4.1V and GLM-4.5V: the processor's pads and plans, and the model's
+scores, kept embeddings and M-RoPE positions.
+
+References are independent of the code under test: transformers' glm4v
+``smart_resize`` (an image as two frames) and HF ``Glm4vProcessor`` for the
+counts, transformers' own GLM model (eager attention, ``get_rope_index``)
+on the same random-weight checkpoint for scores and positions.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.models.glm4v.image_processing_glm4v import smart_resize
+
+import hivtp_vllm
+from hivtp_vllm import mrope
+from hivtp_vllm.families import FAMILIES, TINY_IMAGE_TOKENS
+from hivtp_vllm.pruning import default_band, num_retained, select_tokens, uniform_tokens
+from hivtp_vllm.tools.local_server import in_process_llm
+from tests.conftest import GLM_ARCHS
+from tests.helpers import noise
+from tests.reference_scores import qwen_transformers_scores
+
+MAX_LEN = 4096
+UNIT = 28  # px a merged token's side: patch 14 x 2 x 2 merge
+LOW = 12544  # the published shortest_edge
+HIGH = 2 * TINY_IMAGE_TOKENS * UNIT * UNIT  # the tiny checkpoints' longest_edge (two frames)
+SIZES = ((448, 336), (1000, 30), (13, 7), (4000, 3000))
+IMAGE = "<|begin_of_image|><|image|><|end_of_image|>"
+# Two images with text between and after, as GLM's chat template writes them.
+PROMPT = f"[gMASK]<sop><|user|>\n{IMAGE}Look at this.{IMAGE}And this one.<|assistant|>\n"
+ONE_IMAGE = f"[gMASK]<sop><|user|>\n{IMAGE}Describe it.<|assistant|>\n"
+# Multiples of 28 within the tiny bounds (two frames): smart_resize keeps them.
+MODEL_SIZES = ((448, 224), (224, 672))
+PROMPTS = {
+    "two images, text between": (PROMPT, MODEL_SIZES),
+    "one tall image": (ONE_IMAGE, MODEL_SIZES[1:]),
+}
+
+
+def merged(width: int, height: int, max_pixels: int = HIGH, min_pixels: int = LOW) -> int:
+    """Merged tokens of an image by GLM's resize: two frames, so the bounds hold 2*h*w."""
+    h, w = smart_resize(2, height, width, factor=UNIT, min_pixels=min_pixels, max_pixels=max_pixels)
+    return (h // UNIT) * (w // UNIT)
+
+
+@pytest.fixture(scope="module", params=GLM_ARCHS)
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, arch):
+    from hivtp_vllm.tools.checkpoints import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp(arch) / "tiny", arch=arch)
+
+
+@pytest.fixture(scope="module")
+def processor(checkpoint):
+    from vllm.config import ModelConfig
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    hivtp_vllm.register()
+    return MULTIMODAL_REGISTRY.create_processor(
+        ModelConfig(model=str(checkpoint), max_model_len=8192)
+    )
+
+
+def apply(processor, images, kwargs=None, videos=None):
+    from vllm.multimodal.processing import ProcessorInputs
+    from vllm.multimodal.processing.context import TimingContext
+
+    tokenizer = processor.info.get_tokenizer()
+    text = "[gMASK]<sop><|user|>\n" + IMAGE * len(images)
+    text += "<|begin_of_video|><|video|><|end_of_video|>" * len(videos or [])
+    data: dict = {"image": images}
+    if videos:
+        data["video"] = videos
+    inputs = ProcessorInputs(
+        prompt=tokenizer.encode(text + "Hi<|assistant|>\n", add_special_tokens=False),
+        mm_data_items=processor.info.parse_mm_data(data),
+        hf_processor_mm_kwargs=kwargs or {},
+    )
+    return processor.apply(inputs, TimingContext(enabled=False))
+
+
+# -- processor ----------------------------------------------------------------
+
+
+def test_recipe_and_served_classes(processor, checkpoint, arch):
+    from hivtp_vllm.models.glm4_1v import HivtpGlm4vMultiModalProcessor
+
+    assert isinstance(processor, HivtpGlm4vMultiModalProcessor)
+    size = processor.info.get_image_processor().size
+    assert (size["shortest_edge"], size["longest_edge"]) == (LOW, HIGH)
+    text = processor.info.get_hf_config().text_config
+    assert text.attention_bias  # vLLM's glm4.py reads it; transformers' config lacks it
+    if arch == "glm4.5v":
+        assert text.head_dim != text.hidden_size // text.num_attention_heads
+        assert text.use_qk_norm is False
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        None,
+        {"hivtp_retain_ratio": 1.0},
+        {"hivtp_retain_ratio": 0.5},
+        {"hivtp_retain_ratio": 0.25},
+        {"hivtp_num_tokens": 3},
+        {"hivtp_retain_ratio": 0.25, "hivtp_selection": "uniform"},
+    ],
+)
+def test_pads_per_image(processor, kwargs):
+    images = [noise(i, w, h) for i, (w, h) in enumerate(SIZES)]
+    result = apply(processor, images, kwargs)
+    counts = [merged(w, h) for w, h in SIZES]
+    if kwargs and "hivtp_num_tokens" in kwargs:
+        want = [kwargs["hivtp_num_tokens"]] * len(SIZES)
+    else:
+        want = [num_retained(n, (kwargs or {}).get("hivtp_retain_ratio", 1.0)) for n in counts]
+    assert [p.length for p in result["mm_placeholders"]["image"]] == want
+    pad = processor.info.get_hf_config().image_token_id
+    assert result["prompt_token_ids"].count(pad) == sum(want)
+    items = result["mm_kwargs"]["image"]
+    assert [int(item["hivtp_num_keep"].data[0]) for item in items] == want
+    grids = [tuple(item["hivtp_grids"].data[0].tolist()) for item in items]
+    assert [r * c for r, c in grids] == counts
+    # The plan's grid is the HF processor's (image_grid_thw / 2).
+    hf = [tuple((item["image_grid_thw"].data[1:] // 2).tolist()) for item in items]
+    assert grids == hf
+
+
+def test_request_size_shapes_the_grid(processor):
+    """A request's ``size`` (GLM's processor option; shortest_edge included,
+    which vLLM's own GLM count ignores) sizes the grid counted and pruned."""
+    image = noise(9, 2000, 1500)
+    high = 2 * 256 * UNIT * UNIT
+    kwargs = {"size": {"shortest_edge": LOW, "longest_edge": high}, "hivtp_retain_ratio": 0.5}
+    (placeholder,) = apply(processor, [image], kwargs)["mm_placeholders"]["image"]
+    n = merged(2000, 1500, max_pixels=high)
+    assert n < merged(2000, 1500)
+    assert placeholder.length == num_retained(n, 0.5)
+    small = noise(3, 56, 56)
+    low = 2 * 64 * UNIT * UNIT
+    kwargs = {"size": {"shortest_edge": low, "longest_edge": HIGH}, "hivtp_retain_ratio": 0.25}
+    (placeholder,) = apply(processor, [small], kwargs)["mm_placeholders"]["image"]
+    assert placeholder.length == num_retained(merged(56, 56, min_pixels=low), 0.25)
+    assert merged(56, 56, min_pixels=low) > merged(56, 56)
+
+
+def test_bad_budget_is_a_400_naming_the_key(processor):
+    from vllm.exceptions import VLLMValidationError
+
+    n = merged(448, 336)
+    with pytest.raises(VLLMValidationError) as info:
+        apply(processor, [noise(0, 448, 336)], {"hivtp_num_tokens": n + 1})
+    assert info.value.parameter == "hivtp_num_tokens" and f"[1, {n}]" in str(info.value)
+
+
+def test_videos_are_left_as_vllm_lays_them_out(processor):
+    import numpy as np
+
+    frames = (np.random.default_rng(0).random((4, 112, 112, 3)) * 255).astype("uint8")
+    metadata = {
+        "fps": 2.0,
+        "duration": 2.0,
+        "total_num_frames": 4,
+        "frames_indices": [0, 1, 2, 3],
+        "video_backend": "opencv",
+        "do_sample_frames": False,
+    }
+    video = (frames, metadata)
+    plain = apply(processor, [noise(1, 448, 336)], None, videos=[video])
+    pruned = apply(processor, [noise(1, 448, 336)], {"hivtp_retain_ratio": 0.25}, videos=[video])
+    lengths = [[p.length for p in r["mm_placeholders"]["video"]] for r in (plain, pruned)]
+    assert lengths[0] == lengths[1] and lengths[0][0] > 0
+    assert pruned["mm_placeholders"]["image"][0].length == num_retained(merged(448, 336), 0.25)
+
+
+# -- model ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def glm_llm(checkpoint):
+    with in_process_llm(checkpoint, max_model_len=MAX_LEN, limit_mm_per_prompt={"image": 2}) as llm:
+        yield llm
+
+
+def _install_recorders(model) -> bool:
+    """Record the positions the language model gets and what embed_multimodal emits."""
+    records = {"positions": [], "embeds": []}
+    model.test_records = records
+
+    def before_lm(_module, args, kwargs):
+        positions = kwargs["positions"] if "positions" in kwargs else args[0]
+        records["positions"].append(positions.detach().cpu().clone())
+
+    model.language_model.model.layers[0].register_forward_pre_hook(before_lm, with_kwargs=True)
+    original = model.embed_multimodal
+
+    def embed(**kwargs):
+        out = original(**kwargs)
+        records["embeds"].append([e.detach().cpu().clone() for e in out])
+        return out
+
+    model.embed_multimodal = embed
+    return True
+
+
+def _run(llm, images, kwargs, prompt):
+    """(pruned prompt ids, prefill positions, decode positions, emitted embeddings)."""
+    from vllm import SamplingParams
+
+    llm.apply_model(lambda m: m.test_records.update(positions=[], embeds=[]))
+    (out,) = llm.generate(
+        {"prompt": prompt, "multi_modal_data": {"image": images}, "mm_processor_kwargs": kwargs},
+        SamplingParams(max_tokens=2, temperature=0.0),
+        use_tqdm=False,
+    )
+    ((positions, embeds),) = llm.apply_model(
+        lambda m: (m.test_records["positions"], m.test_records["embeds"])
+    )
+    ids = list(out.prompt_token_ids)
+    at = next(i for i, p in enumerate(positions) if p.shape[-1] == len(ids))
+    return ids, positions[at], positions[at + 1], embeds[-1]
+
+
+def kept_tokens(embeds: torch.Tensor, cols: int) -> torch.Tensor:
+    """Flat raster indices of an image's emitted tokens, from their position columns."""
+    fields = mrope.read_channels(embeds)
+    return fields[:, 2] * cols + fields[:, 3]
+
+
+@pytest.mark.parametrize("case", list(PROMPTS))
+def test_scores_kept_embeddings_and_positions(glm_llm, checkpoint, arch, case):
+    """vLLM's scores equal transformers' eager attention of the GLM tower;
+    the kept tokens are the spec's selection on them; kept rows equal the
+    unpruned rows; positions equal transformers' ``get_rope_index`` of the
+    unpruned prompt at every text and kept image token; decoding continues
+    after the unpruned prompt's largest position."""
+    from transformers import AutoProcessor
+
+    row = FAMILIES[arch].checkpoint
+    model_cls = row.resolve(row.model)
+    glm_llm.apply_model(_install_recorders)
+    prompt, sizes = PROMPTS[case]
+    images = [noise(40 + i, w, h) for i, (w, h) in enumerate(sizes)]
+    grids = [(h // UNIT, w // UNIT) for w, h in sizes]
+    hf = AutoProcessor.from_pretrained(checkpoint)(
+        text=[prompt], images=images, return_tensors="pt"
+    )
+    assert [tuple(g) for g in (hf["image_grid_thw"][:, 1:] // 2).tolist()] == grids
+    model = model_cls.from_pretrained(checkpoint, dtype=torch.float32)
+    want, _ = model.model.get_rope_index(
+        hf["input_ids"],
+        hf["mm_token_type_ids"],
+        hf["image_grid_thw"],
+        attention_mask=hf["attention_mask"],
+    )
+    want = want[:, 0]
+    full_ids = hf["input_ids"][0].tolist()
+
+    ids, prefill, decode, stock = _run(glm_llm, images, {"hivtp_retain_ratio": 1.0}, prompt)
+    assert ids == full_ids
+    assert torch.equal(prefill, want)
+    assert torch.equal(decode[:, 0], want.max() + 1 + torch.zeros(3, dtype=torch.long))
+
+    start, count = default_band(model.config.vision_config.depth)
+    band = tuple(range(start, start + count))
+    reference = qwen_transformers_scores(
+        arch, checkpoint, hf["pixel_values"], hf["image_grid_thw"], band
+    )
+    ratio = 0.25
+    ids, prefill, decode, pruned = _run(glm_llm, images, {"hivtp_retain_ratio": ratio}, prompt)
+    lengths = hf["image_grid_thw"].prod(-1).tolist()
+    (vllm_scores,) = glm_llm.apply_model(
+        lambda m: m.hivtp_recorder.position_scores(lengths).view(-1, 4).mean(1).cpu()
+    )
+    per_image = vllm_scores.split([r * c for r, c in grids])
+
+    image_token = model.config.image_token_id
+    starts = [i for i, t in enumerate(full_ids) if t == image_token and full_ids[i - 1] != t]
+    unpruned_index = []
+    cursor, image = 0, -1
+    for j, token in enumerate(ids):
+        if token == image_token:
+            if ids[j - 1] != image_token:
+                image += 1
+                rows, cols = grids[image]
+                kept = kept_tokens(pruned[image], cols)
+                k = num_retained(rows * cols, ratio)
+                assert torch.equal(kept, select_tokens(per_image[image].view(rows, cols), k))
+                width = -mrope.CHANNELS
+                assert torch.equal(pruned[image][:, :width], stock[image][:, :width][kept])
+                unpruned_index += (starts[image] + kept).tolist()
+                cursor = starts[image] + rows * cols
+        else:
+            while full_ids[cursor] != token:
+                cursor += 1
+            unpruned_index.append(cursor)
+            cursor += 1
+    assert len(unpruned_index) == len(ids)
+    assert torch.equal(prefill, want[:, unpruned_index])
+    assert torch.equal(decode[:, 0], want.max() + 1 + torch.zeros(3, dtype=torch.long))
+    reference = torch.cat(reference).float()
+    torch.testing.assert_close(vllm_scores, reference, rtol=1e-4, atol=1e-7)
+
+
+def test_uniform_baseline_keeps_the_lattice(glm_llm):
+    glm_llm.apply_model(_install_recorders)
+    images = [noise(60 + i, w, h) for i, (w, h) in enumerate(MODEL_SIZES)]
+    kwargs = {"hivtp_retain_ratio": 0.25, "hivtp_selection": "uniform"}
+    _, _, _, pruned = _run(glm_llm, images, kwargs, PROMPT)
+    for image, (w, h) in enumerate(MODEL_SIZES):
+        rows, cols = h // UNIT, w // UNIT
+        kept = kept_tokens(pruned[image], cols)
+        assert torch.equal(kept, uniform_tokens(rows, cols, num_retained(rows * cols, 0.25)))
+
+
+def test_video_pruning_rate_is_refused_at_start(checkpoint):
+    """vLLM has no video pruning for GLM: the plugin refuses the flag (stock
+    accepts and ignores it)."""
+    with pytest.raises(Exception, match="video-pruning-rate") as info:
+        with in_process_llm(checkpoint, max_model_len=MAX_LEN, video_pruning_rate=0.5):
+            pass
+    assert "GLM" in str(info.value) or "GLM" in repr(info.getrepr())
+
+
+def test_explain_scores_and_keeps_as_the_server(checkpoint, arch, tmp_path):
+    """``hivtp-vllm explain`` on GLM: transformers' scores of the GLM tower
+    (which the server's equal, above) and the spec's selection on them."""
+    import json
+
+    from transformers import AutoProcessor
+
+    from hivtp_vllm.tools.explain import explain
+
+    image = noise(33, *MODEL_SIZES[0])
+    image.save(tmp_path / "a.png")
+    explain(
+        str(checkpoint),
+        [tmp_path / "a.png"],
+        ratios=[0.25],
+        out_dir=tmp_path,
+        show_progress=False,
+        log=lambda _: None,
+    )
+    document = json.loads((tmp_path / "a.hivtp.json").read_text())
+    (view,) = document["views"]
+    rows, cols = MODEL_SIZES[0][1] // UNIT, MODEL_SIZES[0][0] // UNIT
+    assert view["grid"] == [rows, cols]
+    batch = AutoProcessor.from_pretrained(checkpoint).image_processor(
+        images=[image], return_tensors="pt"
+    )
+    row = FAMILIES[arch].checkpoint
+    vision = row.resolve(row.config).from_pretrained(checkpoint).vision_config
+    start, count = default_band(vision.depth)
+    (reference,) = qwen_transformers_scores(
+        arch,
+        checkpoint,
+        batch["pixel_values"],
+        batch["image_grid_thw"],
+        range(start, start + count),
+    )
+    torch.testing.assert_close(torch.tensor(view["scores"]), reference, rtol=1e-4, atol=1e-7)
+    (selection,) = document["selections"]
+    k = num_retained(rows * cols, 0.25)
+    assert selection["K"] == k
+    assert selection["views"][0]["kept"] == select_tokens(reference.view(rows, cols), k).tolist()
