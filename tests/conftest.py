@@ -130,6 +130,9 @@ def family_servers(request, server_factory, tmp_path_factory) -> Served:
         tmp_path_factory.mktemp(f"served-{family.name}") / "tiny", arch=family.name
     )
     args = ("--max-model-len", str(family.max_model_len), "--dtype", family.dtype)
+    # A request may carry its own chat template (a raw prompt ending in an
+    # image: tests/test_served_families.py), as vLLM serves with this flag.
+    args += ("--trust-request-chat-template",)
     if family.videos:
         args += ("--limit-mm-per-prompt", '{"image": 2, "video": 1}')
     servers = {

@@ -53,8 +53,8 @@ def uniform_images(server) -> float:
     return metric(server.scrape(), "hivtp_images_total", selection="uniform")
 
 
-def test_locust_records_ttft_e2e_and_prompt_size(server_factory, tiny_llava, tmp_path):
-    server = server_factory(tiny_llava)
+def test_locust_records_ttft_e2e_and_prompt_size(shared_plugin_server, tmp_path):
+    server = shared_plugin_server  # the plugin with vLLM's defaults, as a user starts it
     full = run_locust(server.url, tmp_path / "full")
     pruned = run_locust(server.url, tmp_path / "pruned", "--hivtp-ratio", "0.25")
     before = uniform_images(server)
@@ -85,4 +85,3 @@ def test_locust_records_ttft_e2e_and_prompt_size(server_factory, tiny_llava, tmp
     records = [json.loads(line) for line in record.read_text().splitlines()]
     assert records and not any("error" in r for r in records)
     assert uniform_images(server) - before == len(records)
-    server.stop()

@@ -19,13 +19,13 @@ from __future__ import annotations
 import gc
 
 import pytest
-import requests
 import torch
 
 from hivtp_vllm import mrope
 from hivtp_vllm.families import FAMILIES, TINY_IMAGE_TOKENS
 from hivtp_vllm.pruning import num_retained
 from hivtp_vllm.tools.local_server import image_data_url, in_process_llm
+from tests.conftest import QWEN_ARCHS
 from tests.count_contract import FAMILIES as CONTRACT
 from tests.helpers import chat_with_video, noise, prompt_tokens, video_data_url
 from tests.runners import RUNNERS, assert_runs
@@ -175,10 +175,9 @@ def unpruned_index(arch, config, full_ids, ids, kept_image, kept_video, frame_to
 
 # The merged families whose vLLM classes prune videos (Family.video_pruning),
 # and those whose classes never set it up (Qwen3.5), where the plugin refuses it.
-EVS_ARCHS = [name for name, row in FAMILIES.items() if row.layout == "merged" and row.video_pruning]
-NO_EVS_ARCHS = [
-    name for name, row in FAMILIES.items() if row.layout == "merged" and not row.video_pruning
-]
+# (Qwen's rows: GLM's, which vLLM gives no video pruning, are tests/test_glm4v.py's.)
+EVS_ARCHS = [name for name in QWEN_ARCHS if FAMILIES[name].video_pruning]
+NO_EVS_ARCHS = [name for name in QWEN_ARCHS if not FAMILIES[name].video_pruning]
 
 
 @pytest.mark.parametrize("arch_", NO_EVS_ARCHS)
@@ -339,13 +338,24 @@ def test_positions_past_the_prompt_stay_inside_the_rotary_table(tiny_qwen, arch)
 # -- server -----------------------------------------------------------------
 
 
+@pytest.fixture(scope="module", params=EVS_ARCHS)
+def evs_arch(request) -> str:
+    """The merged families whose vLLM class prunes videos. Those whose class
+    never sets it up (Qwen3.5) serve videos unpruned next to pruned images:
+    tests/test_served_families.py checks that on the family's servers."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def video_pruning_servers(server_factory, tiny_qwen, arch):
-    """The plugin with vLLM's video pruning where the family's vLLM class has
-    it (``Family.video_pruning``; else videos unpruned), on each runner.
-    Plugin only: stock vLLM's V1 runner on the CPU build never calls the
-    position hook, so stock with --video-pruning-rate fails on every media
-    request there (``vllm_compat.let_cpu_v1_runner_recompute_mrope``)."""
+def video_pruning_servers(server_factory, tmp_path_factory, evs_arch):
+    """The plugin with vLLM's video pruning, on each runner. Plugin only:
+    stock vLLM's V1 runner on the CPU build never calls the position hook,
+    so stock with --video-pruning-rate fails on every media request there
+    (``vllm_compat.let_cpu_v1_runner_recompute_mrope``)."""
+    from hivtp_vllm.tools.checkpoints import make_checkpoint
+
+    arch = evs_arch
+    tiny_qwen = make_checkpoint(tmp_path_factory.mktemp(f"evs-{arch}") / "tiny", arch=arch)
     args = (
         "--dtype",  # after local_server's float32: the family's
         FAMILIES[arch].dtype,
@@ -353,10 +363,9 @@ def video_pruning_servers(server_factory, tiny_qwen, arch):
         str(MAX_LEN),
         "--limit-mm-per-prompt",
         '{"image": 1, "video": 1}',
-        "--trust-request-chat-template",  # RAW_TEMPLATE below
+        "--video-pruning-rate",
+        str(RATE),
     )
-    if FAMILIES[arch].video_pruning:
-        args += ("--video-pruning-rate", str(RATE))
     servers = {
         runner: server_factory(tiny_qwen, *args, runner=runner, wait=False) for runner in RUNNERS
     }
@@ -370,19 +379,18 @@ def video_pruning_servers(server_factory, tiny_qwen, arch):
 
 @pytest.mark.server
 @pytest.mark.parametrize("runner", RUNNERS)
-def test_server_prunes_videos_by_vllm_and_images_by_hivtp(video_pruning_servers, arch, runner):
+def test_server_prunes_videos_by_vllm_and_images_by_hivtp(video_pruning_servers, evs_arch, runner):
     """Counts as vLLM's video pruning sets them for the video, as the
     request's hivtp keys set them for the image; bad keys are still a 400."""
     from vllm.multimodal.video_prune.evs import compute_retained_tokens_count
 
-    server = video_pruning_servers[runner]
+    arch, server = evs_arch, video_pruning_servers[runner]
     video = video_data_url(92, FRAMES, FRAME_SIZE)
     image = image_data_url(93, *IMAGE_SIZE)
     frames = FRAMES // 2  # two frames a temporal patch
     per_frame = (FRAME_SIZE[0] // CONTRACT[arch].unit) * (FRAME_SIZE[1] // CONTRACT[arch].unit)
-    if FAMILIES[arch].video_pruning:
-        kept = compute_retained_tokens_count(per_frame, frames, RATE)
-        assert kept < per_frame * frames
+    kept = compute_retained_tokens_count(per_frame, frames, RATE)
+    assert kept < per_frame * frames
     alone = prompt_tokens(chat_with_video(server, video, None, None))
     n = (IMAGE_SIZE[0] // CONTRACT[arch].unit) * (IMAGE_SIZE[1] // CONTRACT[arch].unit)
     for kwargs, image_tokens in (
@@ -415,57 +423,3 @@ def test_video_pruning_gives_the_same_answer_on_both_runners(video_pruning_serve
         body = response.json()
         answers[runner] = (body["usage"], body["choices"][0]["message"]["content"])
     assert answers["V1"] == answers["V2"]
-
-
-# A chat template that renders a prompt ending in an image's pads (no
-# <|vision_end|>, no generation prompt): a raw prompt, as a server takes one.
-RAW_TEMPLATE = (
-    "{%- for message in messages %}{%- for part in message['content'] %}"
-    "{%- if part['type'] == 'text' %}{{ part['text'] }}"
-    "{%- else %}<|vision_start|><|image_pad|>{%- endif %}"
-    "{%- endfor %}{%- endfor %}"
-)
-
-
-@pytest.mark.server
-def test_a_prompt_ending_in_a_pruned_image_decodes_alike_on_both_runners(video_pruning_servers):
-    """Decoding after a prompt whose last tokens are a pruned image's starts
-    after the unpruned image on V1 (test above, positions read in the model);
-    V2 hands the position hook a copy of the positions, and its offset comes
-    from the rows' extent: the same greedy tokens and logprobs on both."""
-    # Uniform selection keeps the middle token: never on the longer side's edge,
-    # so its position + 1 is short of where the unpruned image ends.
-    image = image_data_url(96, 20 * 32, 6 * 32)
-    answers = {}
-    for runner, server in video_pruning_servers.items():
-        body = {
-            "model": server.model,
-            "messages": [
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "text", "text": "Look:"},
-                        {"type": "image_url", "image_url": {"url": image}},
-                    ],
-                }
-            ],
-            "chat_template": RAW_TEMPLATE,
-            "add_generation_prompt": False,
-            "mm_processor_kwargs": {"hivtp_num_tokens": 1, "hivtp_selection": "uniform"},
-            "max_tokens": 8,
-            "temperature": 0.0,
-            "logprobs": True,
-        }
-        response = requests.post(server.url + "/v1/chat/completions", json=body, timeout=300)
-        assert response.status_code == 200, response.text
-        answer = response.json()
-        steps = answer["choices"][0]["logprobs"]["content"]
-        answers[runner] = (
-            answer["usage"]["prompt_tokens"],
-            [step["token"] for step in steps],
-            [step["logprob"] for step in steps],
-        )
-    (v1_tokens, v1_text, v1_logprobs), (v2_tokens, v2_text, v2_logprobs) = answers.values()
-    assert v1_tokens == v2_tokens
-    assert v1_text == v2_text
-    assert v1_logprobs == pytest.approx(v2_logprobs, abs=1e-4)

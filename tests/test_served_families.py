@@ -11,9 +11,9 @@ layout and tile size, not its name.
 
 - Counts by aspect ratio: each image alone and two of different shapes in
   one request, under every option, give stock's text tokens plus the
-  reference's visual tokens (or a 400 naming the key); no option and r = 1.0
-  give stock's answer and usage exactly; mixed options sent at once each get
-  their own count.
+  reference's visual tokens (or a 400 naming the key), the options of one
+  prompt sent at once, each getting its own count; no option and r = 1.0
+  give stock's answer and usage exactly.
 - Bad input: each bad option is a 400 naming the key, and the server keeps
   serving. Videos (families that take them) are served as stock serves them,
   alone or next to a pruned image. The metrics count the images and visual
@@ -43,8 +43,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import requests
 from PIL import Image
 
+from hivtp_vllm.families import FAMILIES as ROWS
 from hivtp_vllm.tools.local_server import image_data_url, metric
 from tests.count_contract import EXTREME_SIZES, FAMILIES, reference_tokens, reference_views
 from tests.helpers import (
@@ -118,9 +120,9 @@ COUNTED = [
     {R: 1.0},
     {R: 0.5},
     {R: 0.25},
-    {K: 9},
+    {K: 9, G: 1.0},
     {K: 64},
-    {K: 100},
+    {K: 100, G: 0.0},
     {R: 0.25, S: "uniform"},
 ]
 
@@ -156,72 +158,16 @@ def test_served_counts_by_aspect_ratio(family_servers, runner):
 @BOTH_RUNNERS
 def test_served_full_ratio_matches_stock(family_servers, runner):
     """No option and r = 1.0 are stock vLLM: the same answer and usage, for
-    one image of the first and of the largest size and for two images."""
+    one image of the largest size and for two images (the first two sizes)."""
     ours, stock = family_servers.pair(runner)
     sizes = served_sizes(family_servers.family)
-    for seed, shapes in enumerate(([sizes[0]], [sizes[-1]], sizes[:2])):
+    for seed, shapes in enumerate(([sizes[-1]], sizes[:2])):
         images = [image_data_url(200 + 10 * seed + i, *size) for i, size in enumerate(shapes)]
         want = ok(stock.chat(images, max_tokens=16))
         for kwargs in (None, {R: 1.0}):
             got = ok(ours.chat(images, kwargs, max_tokens=16))
             assert got["choices"][0]["message"] == want["choices"][0]["message"], (shapes, kwargs)
             assert got["usage"] == want["usage"], (shapes, kwargs)
-
-
-# Sent together, each with its own options.
-MIXED = [
-    {R: 0.5},
-    {R: 0.25},
-    {K: 64},
-    {R: 1.0},
-    None,
-    {R: 0.1},
-    {K: 1},
-    {R: 0.75, G: 0.0},
-    {R: 0.3, G: 1.0},
-    {K: 500},
-    {K: 50},
-]
-
-
-@EVERY_FAMILY
-@BOTH_RUNNERS
-def test_served_concurrent_mixed(family_servers, runner):
-    """Every size twice and every option once, one image a request, and every
-    other option on two images, all at once: each request gets its own count
-    (or a 400 naming the budget where the reference has it out of range)."""
-    family = family_servers.family
-    ours, stock = family_servers.pair(runner)
-    sizes = served_sizes(family)
-    jobs = [
-        ([sizes[i % len(sizes)]], MIXED[i % len(MIXED)])
-        for i in range(max(len(MIXED), 2 * len(sizes)))
-    ]
-    jobs += [(sizes[:2], options) for i, options in enumerate(MIXED) if i % 2]
-    text = {}  # stock's text tokens per prompt shape
-    for shapes, _ in jobs:
-        if tuple(shapes) not in text:
-            images = [image_data_url(290 + i, *size) for i, size in enumerate(shapes)]
-            full = prompt_tokens(stock.chat(images, max_tokens=1))
-            text[tuple(shapes)] = full - sum(visual(family, size, None) for size in shapes)
-    bodies = [
-        ([image_data_url(300 + 10 * j + i, *size) for i, size in enumerate(shapes)], options)
-        for j, (shapes, options) in enumerate(jobs)
-    ]
-    with ThreadPoolExecutor(len(bodies)) as pool:
-        futures = [pool.submit(ours.chat, img, kw, max_tokens=2) for img, kw in bodies]
-    served = 0
-    for (shapes, options), future in zip(jobs, futures, strict=True):
-        want = [visual(family, size, options) for size in shapes]
-        if None in want:
-            assert_refused(future.result(), K)
-            continue
-        assert prompt_tokens(future.result()) == text[tuple(shapes)] + sum(want), (
-            shapes,
-            options,
-        )
-        served += 1
-    assert served > len(jobs) // 2, (served, len(jobs))  # most options fit every size
 
 
 def bad_options(family) -> list[tuple[dict, str]]:
@@ -456,7 +402,7 @@ def test_fuzz_shapes_and_options(family_servers, runner):
     family = family_servers.family
     ours, stock = family_servers.pair(runner)
     rng = random.Random(10)
-    shapes = SHAPES + random_shapes(11, 20)
+    shapes = SHAPES + random_shapes(11, 8)
     images = {shape: picture(*shape, seed=i) for i, shape in enumerate(shapes)}
 
     # Stock vLLM, no keys: the reference status and prompt size of each shape.
@@ -474,9 +420,7 @@ def test_fuzz_shapes_and_options(family_servers, runner):
     # Mixed options, several requests at once (two images in some).
     jobs = []
     for shape in shapes:
-        if shape not in text_tokens:
-            continue
-        for _ in range(2):
+        if shape in text_tokens:
             jobs.append(([shape], random_options(rng)))
     servable = list(text_tokens)
     for _ in range(6):
@@ -508,7 +452,7 @@ def test_fuzz_shapes_and_options(family_servers, runner):
         if text is not None:
             assert tokens == text + expected[0], (shapes_, options)
         outcomes["200"] += 1
-    assert outcomes["200"] > 20 and outcomes["400"] > 0, outcomes
+    assert outcomes["200"] > 10 and outcomes["400"] > 0, outcomes
 
     # The engine survived all of it and still serves.
     assert ours.alive()
@@ -581,3 +525,72 @@ def test_runners_agree_and_full_ratio_is_stock(family_servers):
         assert stock["prompt_tokens"] == ours["prompt_tokens"], runner
         assert stock["tokens"] == ours["tokens"], runner
         assert stock["logprobs"] == pytest.approx(ours["logprobs"], abs=LOGPROB_TOLERANCE)
+
+
+# -- a raw prompt ending in an image (M-RoPE families) ------------------------
+
+MERGED = pytest.mark.parametrize(
+    "family_servers", [name for name, f in FAMILIES.items() if f.layout == "merged"], indirect=True
+)
+
+
+def raw_template(name: str) -> str:
+    """A chat template that renders a prompt ending in an image's pads (no
+    end-of-image token, no generation prompt): a raw prompt, as a server
+    takes one. The family's own image start and pad tokens (its row's
+    ``Checkpoint.token_ids``)."""
+    ids = dict(ROWS[name].checkpoint.token_ids)
+    start = ids.get("vision_start_token_id") or ids["image_start_token_id"]
+    return (
+        "{%- for message in messages %}{%- for part in message['content'] %}"
+        "{%- if part['type'] == 'text' %}{{ part['text'] }}"
+        f"{{%- else %}}{start}{ids['image_token_id']}{{%- endif %}}"
+        "{%- endfor %}{%- endfor %}"
+    )
+
+
+@MERGED
+def test_a_prompt_ending_in_a_pruned_image_decodes_alike_on_both_runners(family_servers):
+    """Decoding after a prompt whose last tokens are a pruned image's starts
+    after the unpruned image on V1 (positions read in the model; see
+    tests/test_qwen_positions.py); V2 hands the position hook a copy of the
+    positions, and its offset comes from the rows' extent: the same greedy
+    tokens and logprobs on both. (The family's servers take a request's chat
+    template: ``--trust-request-chat-template``, tests/conftest.py.)"""
+    # Uniform selection keeps the middle token: never on the longer side's edge,
+    # so its position + 1 is short of where the unpruned image ends.
+    image = image_data_url(96, 20 * 32, 6 * 32)
+    answers = {}
+    for runner in RUNNERS:
+        server, _ = family_servers.pair(runner)
+        body = {
+            "model": server.model,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "Look:"},
+                        {"type": "image_url", "image_url": {"url": image}},
+                    ],
+                }
+            ],
+            "chat_template": raw_template(family_servers.family.name),
+            "add_generation_prompt": False,
+            "mm_processor_kwargs": {"hivtp_num_tokens": 1, "hivtp_selection": "uniform"},
+            "max_tokens": 8,
+            "temperature": 0.0,
+            "logprobs": True,
+        }
+        response = requests.post(server.url + "/v1/chat/completions", json=body, timeout=300)
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        steps = answer["choices"][0]["logprobs"]["content"]
+        answers[runner] = (
+            answer["usage"]["prompt_tokens"],
+            [step["token"] for step in steps],
+            [step["logprob"] for step in steps],
+        )
+    (v1_tokens, v1_text, v1_logprobs), (v2_tokens, v2_text, v2_logprobs) = answers.values()
+    assert v1_tokens == v2_tokens
+    assert v1_text == v2_text
+    assert v1_logprobs == pytest.approx(v2_logprobs, abs=1e-4)
