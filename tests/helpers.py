@@ -125,3 +125,54 @@ def media_chat(
     if kwargs is not None:
         body["mm_processor_kwargs"] = kwargs
     return requests.post(server.url + "/v1/chat/completions", json=body, timeout=300)
+
+
+def install_recorders(model) -> bool:
+    """For ``LLM.apply_model``: record the positions the language model gets
+    and what ``embed_multimodal`` emits (``model.test_records``)."""
+    records = {"positions": [], "embeds": []}
+    model.test_records = records
+
+    def before_lm(_module, args, kwargs):
+        positions = kwargs["positions"] if "positions" in kwargs else args[0]
+        records["positions"].append(positions.detach().cpu().clone())
+
+    # The first decoder layer: vLLM's compiled model class skips module hooks.
+    # Every layer gets the positions, a hybrid LM's linear-attention ones too
+    # (Qwen3.5's layer 0: vLLM's Qwen3NextModel passes positions= to each).
+    model.language_model.model.layers[0].register_forward_pre_hook(before_lm, with_kwargs=True)
+    original = model.embed_multimodal
+
+    def embed(**kwargs):
+        out = original(**kwargs)
+        records["embeds"].append([e.detach().cpu().clone() for e in out])
+        return out
+
+    model.embed_multimodal = embed
+    return True
+
+
+def assert_videos_keep_their_layout(apply, processor, image_tokens) -> None:
+    """hivtp keys prune the image, never the video beside it: the video's
+    placeholders are the same with and without them. ``apply(processor,
+    images, kwargs, videos=...)`` runs the module's processor on its prompt;
+    ``image_tokens(width, height)`` is an image's unpruned token count."""
+    from hivtp_vllm.pruning import num_retained
+
+    frames = (np.random.default_rng(0).random((4, 112, 112, 3)) * 255).astype("uint8")
+    metadata = {
+        "fps": 2.0,
+        "duration": 2.0,
+        "total_num_frames": 4,
+        "frames_indices": [0, 1, 2, 3],
+        "video_backend": "opencv",
+        "do_sample_frames": False,
+    }
+    video = (frames, metadata)
+    plain = apply(processor, [noise(1, 448, 336)], None, videos=[video])
+    pruned = apply(processor, [noise(1, 448, 336)], {"hivtp_retain_ratio": 0.25}, videos=[video])
+    lengths = [[p.length for p in r["mm_placeholders"]["video"]] for r in (plain, pruned)]
+    assert lengths[0] == lengths[1] and lengths[0][0] > 0
+    assert pruned["mm_placeholders"]["image"][0].length == num_retained(
+        image_tokens(448, 336), 0.25
+    )

@@ -19,7 +19,7 @@ from hivtp_vllm.families import FAMILIES, TINY_IMAGE_TOKENS
 from hivtp_vllm.pruning import default_band, num_retained, select_tokens, uniform_tokens
 from hivtp_vllm.tools.local_server import in_process_llm
 from tests.conftest import GLM_ARCHS
-from tests.helpers import noise
+from tests.helpers import assert_videos_keep_their_layout, install_recorders, noise
 from tests.reference_scores import qwen_transformers_scores
 
 MAX_LEN = 4096
@@ -161,53 +161,13 @@ def test_bad_budget_is_a_400_naming_the_key(processor):
 
 
 def test_videos_are_left_as_vllm_lays_them_out(processor):
-    import numpy as np
-
-    frames = (np.random.default_rng(0).random((4, 112, 112, 3)) * 255).astype("uint8")
-    metadata = {
-        "fps": 2.0,
-        "duration": 2.0,
-        "total_num_frames": 4,
-        "frames_indices": [0, 1, 2, 3],
-        "video_backend": "opencv",
-        "do_sample_frames": False,
-    }
-    video = (frames, metadata)
-    plain = apply(processor, [noise(1, 448, 336)], None, videos=[video])
-    pruned = apply(processor, [noise(1, 448, 336)], {"hivtp_retain_ratio": 0.25}, videos=[video])
-    lengths = [[p.length for p in r["mm_placeholders"]["video"]] for r in (plain, pruned)]
-    assert lengths[0] == lengths[1] and lengths[0][0] > 0
-    assert pruned["mm_placeholders"]["image"][0].length == num_retained(merged(448, 336), 0.25)
-
-
-# -- model ----------------------------------------------------------------------
+    assert_videos_keep_their_layout(apply, processor, merged)
 
 
 @pytest.fixture(scope="module")
 def glm_llm(checkpoint):
     with in_process_llm(checkpoint, max_model_len=MAX_LEN, limit_mm_per_prompt={"image": 2}) as llm:
         yield llm
-
-
-def _install_recorders(model) -> bool:
-    """Record the positions the language model gets and what embed_multimodal emits."""
-    records = {"positions": [], "embeds": []}
-    model.test_records = records
-
-    def before_lm(_module, args, kwargs):
-        positions = kwargs["positions"] if "positions" in kwargs else args[0]
-        records["positions"].append(positions.detach().cpu().clone())
-
-    model.language_model.model.layers[0].register_forward_pre_hook(before_lm, with_kwargs=True)
-    original = model.embed_multimodal
-
-    def embed(**kwargs):
-        out = original(**kwargs)
-        records["embeds"].append([e.detach().cpu().clone() for e in out])
-        return out
-
-    model.embed_multimodal = embed
-    return True
 
 
 def _run(llm, images, kwargs, prompt):
@@ -245,7 +205,7 @@ def test_scores_kept_embeddings_and_positions(glm_llm, checkpoint, arch, case):
 
     row = FAMILIES[arch].checkpoint
     model_cls = row.resolve(row.model)
-    glm_llm.apply_model(_install_recorders)
+    glm_llm.apply_model(install_recorders)
     prompt, sizes = PROMPTS[case]
     images = [noise(40 + i, w, h) for i, (w, h) in enumerate(sizes)]
     grids = [(h // UNIT, w // UNIT) for w, h in sizes]
@@ -310,7 +270,7 @@ def test_scores_kept_embeddings_and_positions(glm_llm, checkpoint, arch, case):
 
 
 def test_uniform_baseline_keeps_the_lattice(glm_llm):
-    glm_llm.apply_model(_install_recorders)
+    glm_llm.apply_model(install_recorders)
     images = [noise(60 + i, w, h) for i, (w, h) in enumerate(MODEL_SIZES)]
     kwargs = {"hivtp_retain_ratio": 0.25, "hivtp_selection": "uniform"}
     _, _, _, pruned = _run(glm_llm, images, kwargs, PROMPT)

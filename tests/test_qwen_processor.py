@@ -14,7 +14,7 @@ import hivtp_vllm
 from hivtp_vllm.families import FAMILIES, QWEN_SPECIALS
 from hivtp_vllm.pruning import num_retained
 from tests.count_contract import FAMILIES as CONTRACT
-from tests.helpers import noise
+from tests.helpers import assert_videos_keep_their_layout, noise
 
 SIZES = ((448, 336), (1000, 30), (13, 7), (4000, 3000))
 # The tiny checkpoints' pixel bounds and px per merged token, per merged
@@ -133,23 +133,7 @@ def test_bad_budget_is_a_400_naming_the_key(processor, merged):
 
 
 def test_videos_are_left_as_vllm_lays_them_out(processor, merged):
-    import numpy as np
-
-    frames = (np.random.default_rng(0).random((4, 112, 112, 3)) * 255).astype("uint8")
-    metadata = {
-        "fps": 2.0,
-        "duration": 2.0,
-        "total_num_frames": 4,
-        "frames_indices": [0, 1, 2, 3],
-        "video_backend": "opencv",
-        "do_sample_frames": False,
-    }
-    video = (frames, metadata)
-    plain = apply(processor, [noise(1, 448, 336)], None, videos=[video])
-    pruned = apply(processor, [noise(1, 448, 336)], {"hivtp_retain_ratio": 0.25}, videos=[video])
-    lengths = [[p.length for p in r["mm_placeholders"]["video"]] for r in (plain, pruned)]
-    assert lengths[0] == lengths[1] and lengths[0][0] > 0
-    assert pruned["mm_placeholders"]["image"][0].length == num_retained(merged(448, 336), 0.25)
+    assert_videos_keep_their_layout(apply, processor, merged)
 
 
 def test_both_runners_reach_the_position_hook_through_one_gate():

@@ -23,7 +23,7 @@ from hivtp_vllm.pruning import (
 )
 from hivtp_vllm.tools.local_server import in_process_llm
 from tests.count_contract import FAMILIES as CONTRACT
-from tests.helpers import noise
+from tests.helpers import install_recorders, noise
 from tests.reference_scores import qwen_model_class, qwen_transformers_scores
 
 MAX_LEN = 4096
@@ -109,30 +109,6 @@ def qwen_llm(tiny_qwen, arch):
         yield engine
 
 
-def _install_recorders(model) -> bool:
-    """Record the positions the language model gets and what embed_multimodal emits."""
-    records = {"positions": [], "embeds": []}
-    model.test_records = records
-
-    def before_lm(_module, args, kwargs):
-        positions = kwargs["positions"] if "positions" in kwargs else args[0]
-        records["positions"].append(positions.detach().cpu().clone())
-
-    # The first decoder layer: vLLM's compiled model class skips module hooks.
-    # Every layer gets the positions, a hybrid LM's linear-attention ones too
-    # (Qwen3.5's layer 0: vLLM's Qwen3NextModel passes positions= to each).
-    model.language_model.model.layers[0].register_forward_pre_hook(before_lm, with_kwargs=True)
-    original = model.embed_multimodal
-
-    def embed(**kwargs):
-        out = original(**kwargs)
-        records["embeds"].append([e.detach().cpu().clone() for e in out])
-        return out
-
-    model.embed_multimodal = embed
-    return True
-
-
 def _run(llm, images, kwargs, prompt=PROMPT):
     """(pruned prompt ids, prefill positions, decode positions, emitted embeddings)."""
     from vllm import SamplingParams
@@ -172,7 +148,7 @@ def test_scores_kept_embeddings_and_positions(qwen_llm, tiny_qwen, arch, case):
     """
     from transformers import AutoProcessor
 
-    qwen_llm.apply_model(_install_recorders)
+    qwen_llm.apply_model(install_recorders)
     prompt, sizes = PROMPTS[case]
     images = [noise(40 + i, w, h) for i, (w, h) in enumerate(sizes)]
     grids = [merged_grid(arch, w, h) for w, h in sizes]
@@ -268,7 +244,7 @@ def test_scores_kept_embeddings_and_positions(qwen_llm, tiny_qwen, arch, case):
 
 
 def test_uniform_baseline_keeps_the_lattice(qwen_llm, arch):
-    qwen_llm.apply_model(_install_recorders)
+    qwen_llm.apply_model(install_recorders)
     images = [noise(60 + i, w, h) for i, (w, h) in enumerate(SIZES)]
     kwargs = {"hivtp_retain_ratio": 0.25, "hivtp_selection": "uniform"}
 
