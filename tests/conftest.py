@@ -168,14 +168,11 @@ def server_keys(item: pytest.Item) -> list[tuple[str, object]]:
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
     result = yield
     session = item.session
-    if LAST_USERS not in session.stash:
-        session.stash[LAST_USERS] = {
-            key: i for i, it in enumerate(session.items) for key in server_keys(it)
-        }
+    if LAST_USERS not in session.stash:  # (fixture, family) -> the last test needing it
+        session.stash[LAST_USERS] = {key: it for it in session.items for key in server_keys(it)}
     last = session.stash[LAST_USERS]
-    here = session.items.index(item)
     for name, family in server_keys(item):
-        if last[(name, family)] == here and name in item.funcargs:
+        if last[(name, family)] is item and name in item.funcargs:
             held = item.funcargs[name]
             for server in held.servers.values() if isinstance(held, Served) else [held]:
                 server.stop()

@@ -176,3 +176,84 @@ def assert_videos_keep_their_layout(apply, processor, image_tokens) -> None:
     assert pruned["mm_placeholders"]["image"][0].length == num_retained(
         image_tokens(448, 336), 0.25
     )
+
+
+def run_recorded(llm, images, kwargs, prompt):
+    """One greedy request through an engine with :func:`install_recorders`:
+    (pruned prompt ids, prefill positions, decode positions, emitted embeddings)."""
+    from vllm import SamplingParams
+
+    llm.apply_model(lambda m: m.test_records.update(positions=[], embeds=[]))
+    (out,) = llm.generate(
+        {"prompt": prompt, "multi_modal_data": {"image": images}, "mm_processor_kwargs": kwargs},
+        SamplingParams(max_tokens=2, temperature=0.0),
+        use_tqdm=False,
+    )
+    ((positions, embeds),) = llm.apply_model(
+        lambda m: (m.test_records["positions"], m.test_records["embeds"])
+    )
+    ids = list(out.prompt_token_ids)
+    at = next(i for i, p in enumerate(positions) if p.shape[-1] == len(ids))
+    return ids, positions[at], positions[at + 1], embeds[-1]
+
+
+def kept_tokens(embeds, cols: int):
+    """Flat raster indices of an image's emitted tokens, from their position columns."""
+    from hivtp_vllm import mrope
+
+    fields = mrope.read_channels(embeds)
+    return fields[:, 2] * cols + fields[:, 3]
+
+
+def process(processor, prompt: list[int], images, kwargs=None, videos=None) -> dict:
+    """vLLM's multimodal processor on a token-id prompt with its images (and videos)."""
+    from vllm.multimodal.processing import ProcessorInputs
+    from vllm.multimodal.processing.context import TimingContext
+
+    data: dict = {"image": images}
+    if videos:
+        data["video"] = videos
+    inputs = ProcessorInputs(
+        prompt=prompt,
+        mm_data_items=processor.info.parse_mm_data(data),
+        hf_processor_mm_kwargs=kwargs or {},
+    )
+    return processor.apply(inputs, TimingContext(enabled=False))
+
+
+# Image sizes the merged families' processor tests count: 4:3, 33:1, under the
+# lower pixel bound, over the upper; and the options each is counted under.
+MERGED_PROCESSOR_SIZES = ((448, 336), (1000, 30), (13, 7), (4000, 3000))
+PAD_OPTIONS = [
+    None,
+    {"hivtp_retain_ratio": 1.0},
+    {"hivtp_retain_ratio": 0.5},
+    {"hivtp_retain_ratio": 0.25},
+    {"hivtp_num_tokens": 3},
+    {"hivtp_retain_ratio": 0.25, "hivtp_selection": "uniform"},
+]
+
+
+def assert_pads_per_image(apply, processor, image_tokens, kwargs) -> list:
+    """Each image of MERGED_PROCESSOR_SIZES gets the spec's count of pads
+    under ``kwargs``, in its placeholder, the prompt and the plan, and the
+    plan's grid holds the unpruned count. Returns the items' ``mm_kwargs``
+    for a family's own checks."""
+    from hivtp_vllm.pruning import num_retained
+
+    sizes = MERGED_PROCESSOR_SIZES
+    images = [noise(i, w, h) for i, (w, h) in enumerate(sizes)]
+    result = apply(processor, images, kwargs)
+    counts = [image_tokens(w, h) for w, h in sizes]
+    if kwargs and "hivtp_num_tokens" in kwargs:
+        want = [kwargs["hivtp_num_tokens"]] * len(sizes)
+    else:
+        want = [num_retained(n, (kwargs or {}).get("hivtp_retain_ratio", 1.0)) for n in counts]
+    assert [p.length for p in result["mm_placeholders"]["image"]] == want
+    pad = processor.info.get_hf_config().image_token_id
+    assert result["prompt_token_ids"].count(pad) == sum(want)
+    items = result["mm_kwargs"]["image"]
+    assert [int(item["hivtp_num_keep"].data[0]) for item in items] == want
+    grids = [tuple(item["hivtp_grids"].data[0].tolist()) for item in items]
+    assert [r * c for r, c in grids] == counts
+    return items

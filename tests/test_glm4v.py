@@ -19,14 +19,22 @@ from hivtp_vllm.families import FAMILIES, TINY_IMAGE_TOKENS
 from hivtp_vllm.pruning import default_band, num_retained, select_tokens, uniform_tokens
 from hivtp_vllm.tools.local_server import in_process_llm
 from tests.conftest import GLM_ARCHS
-from tests.helpers import assert_videos_keep_their_layout, install_recorders, noise
+from tests.helpers import (
+    PAD_OPTIONS,
+    assert_pads_per_image,
+    assert_videos_keep_their_layout,
+    install_recorders,
+    kept_tokens,
+    noise,
+    process,
+    run_recorded,
+)
 from tests.reference_scores import qwen_transformers_scores
 
 MAX_LEN = 4096
 UNIT = 28  # px a merged token's side: patch 14 x 2 x 2 merge
 LOW = 12544  # the published shortest_edge
 HIGH = 2 * TINY_IMAGE_TOKENS * UNIT * UNIT  # the tiny checkpoints' longest_edge (two frames)
-SIZES = ((448, 336), (1000, 30), (13, 7), (4000, 3000))
 IMAGE = "<|begin_of_image|><|image|><|end_of_image|>"
 # Two images with text between and after, as GLM's chat template writes them.
 PROMPT = f"[gMASK]<sop><|user|>\n{IMAGE}Look at this.{IMAGE}And this one.<|assistant|>\n"
@@ -69,21 +77,11 @@ def processor(checkpoint):
 
 
 def apply(processor, images, kwargs=None, videos=None):
-    from vllm.multimodal.processing import ProcessorInputs
-    from vllm.multimodal.processing.context import TimingContext
-
     tokenizer = processor.info.get_tokenizer()
     text = "[gMASK]<sop><|user|>\n" + IMAGE * len(images)
     text += "<|begin_of_video|><|video|><|end_of_video|>" * len(videos or [])
-    data: dict = {"image": images}
-    if videos:
-        data["video"] = videos
-    inputs = ProcessorInputs(
-        prompt=tokenizer.encode(text + "Hi<|assistant|>\n", add_special_tokens=False),
-        mm_data_items=processor.info.parse_mm_data(data),
-        hf_processor_mm_kwargs=kwargs or {},
-    )
-    return processor.apply(inputs, TimingContext(enabled=False))
+    prompt = tokenizer.encode(text + "Hi<|assistant|>\n", add_special_tokens=False)
+    return process(processor, prompt, images, kwargs, videos)
 
 
 # -- processor ----------------------------------------------------------------
@@ -102,32 +100,10 @@ def test_recipe_and_served_classes(processor, checkpoint, arch):
         assert text.use_qk_norm is False
 
 
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        None,
-        {"hivtp_retain_ratio": 1.0},
-        {"hivtp_retain_ratio": 0.5},
-        {"hivtp_retain_ratio": 0.25},
-        {"hivtp_num_tokens": 3},
-        {"hivtp_retain_ratio": 0.25, "hivtp_selection": "uniform"},
-    ],
-)
+@pytest.mark.parametrize("kwargs", PAD_OPTIONS)
 def test_pads_per_image(processor, kwargs):
-    images = [noise(i, w, h) for i, (w, h) in enumerate(SIZES)]
-    result = apply(processor, images, kwargs)
-    counts = [merged(w, h) for w, h in SIZES]
-    if kwargs and "hivtp_num_tokens" in kwargs:
-        want = [kwargs["hivtp_num_tokens"]] * len(SIZES)
-    else:
-        want = [num_retained(n, (kwargs or {}).get("hivtp_retain_ratio", 1.0)) for n in counts]
-    assert [p.length for p in result["mm_placeholders"]["image"]] == want
-    pad = processor.info.get_hf_config().image_token_id
-    assert result["prompt_token_ids"].count(pad) == sum(want)
-    items = result["mm_kwargs"]["image"]
-    assert [int(item["hivtp_num_keep"].data[0]) for item in items] == want
+    items = assert_pads_per_image(apply, processor, merged, kwargs)
     grids = [tuple(item["hivtp_grids"].data[0].tolist()) for item in items]
-    assert [r * c for r, c in grids] == counts
     # The plan's grid is the HF processor's (image_grid_thw / 2).
     hf = [tuple((item["image_grid_thw"].data[1:] // 2).tolist()) for item in items]
     assert grids == hf
@@ -170,30 +146,6 @@ def glm_llm(checkpoint):
         yield llm
 
 
-def _run(llm, images, kwargs, prompt):
-    """(pruned prompt ids, prefill positions, decode positions, emitted embeddings)."""
-    from vllm import SamplingParams
-
-    llm.apply_model(lambda m: m.test_records.update(positions=[], embeds=[]))
-    (out,) = llm.generate(
-        {"prompt": prompt, "multi_modal_data": {"image": images}, "mm_processor_kwargs": kwargs},
-        SamplingParams(max_tokens=2, temperature=0.0),
-        use_tqdm=False,
-    )
-    ((positions, embeds),) = llm.apply_model(
-        lambda m: (m.test_records["positions"], m.test_records["embeds"])
-    )
-    ids = list(out.prompt_token_ids)
-    at = next(i for i, p in enumerate(positions) if p.shape[-1] == len(ids))
-    return ids, positions[at], positions[at + 1], embeds[-1]
-
-
-def kept_tokens(embeds: torch.Tensor, cols: int) -> torch.Tensor:
-    """Flat raster indices of an image's emitted tokens, from their position columns."""
-    fields = mrope.read_channels(embeds)
-    return fields[:, 2] * cols + fields[:, 3]
-
-
 @pytest.mark.parametrize("case", list(PROMPTS))
 def test_scores_kept_embeddings_and_positions(glm_llm, checkpoint, arch, case):
     """vLLM's scores equal transformers' eager attention of the GLM tower;
@@ -223,7 +175,7 @@ def test_scores_kept_embeddings_and_positions(glm_llm, checkpoint, arch, case):
     want = want[:, 0]
     full_ids = hf["input_ids"][0].tolist()
 
-    ids, prefill, decode, stock = _run(glm_llm, images, {"hivtp_retain_ratio": 1.0}, prompt)
+    ids, prefill, decode, stock = run_recorded(glm_llm, images, {"hivtp_retain_ratio": 1.0}, prompt)
     assert ids == full_ids
     assert torch.equal(prefill, want)
     assert torch.equal(decode[:, 0], want.max() + 1 + torch.zeros(3, dtype=torch.long))
@@ -234,7 +186,9 @@ def test_scores_kept_embeddings_and_positions(glm_llm, checkpoint, arch, case):
         arch, checkpoint, hf["pixel_values"], hf["image_grid_thw"], band
     )
     ratio = 0.25
-    ids, prefill, decode, pruned = _run(glm_llm, images, {"hivtp_retain_ratio": ratio}, prompt)
+    ids, prefill, decode, pruned = run_recorded(
+        glm_llm, images, {"hivtp_retain_ratio": ratio}, prompt
+    )
     lengths = hf["image_grid_thw"].prod(-1).tolist()
     (vllm_scores,) = glm_llm.apply_model(
         lambda m: m.hivtp_recorder.position_scores(lengths).view(-1, 4).mean(1).cpu()
@@ -273,7 +227,7 @@ def test_uniform_baseline_keeps_the_lattice(glm_llm):
     glm_llm.apply_model(install_recorders)
     images = [noise(60 + i, w, h) for i, (w, h) in enumerate(MODEL_SIZES)]
     kwargs = {"hivtp_retain_ratio": 0.25, "hivtp_selection": "uniform"}
-    _, _, _, pruned = _run(glm_llm, images, kwargs, PROMPT)
+    _, _, _, pruned = run_recorded(glm_llm, images, kwargs, PROMPT)
     for image, (w, h) in enumerate(MODEL_SIZES):
         rows, cols = h // UNIT, w // UNIT
         kept = kept_tokens(pruned[image], cols)

@@ -14,9 +14,14 @@ import hivtp_vllm
 from hivtp_vllm.families import FAMILIES, QWEN_SPECIALS
 from hivtp_vllm.pruning import num_retained
 from tests.count_contract import FAMILIES as CONTRACT
-from tests.helpers import assert_videos_keep_their_layout, noise
+from tests.helpers import (
+    PAD_OPTIONS,
+    assert_pads_per_image,
+    assert_videos_keep_their_layout,
+    noise,
+    process,
+)
 
-SIZES = ((448, 336), (1000, 30), (13, 7), (4000, 3000))
 # The tiny checkpoints' pixel bounds and px per merged token, per merged
 # family (the count contract's reference: published min_pixels,
 # TINY_IMAGE_TOKENS merged tokens at most).
@@ -57,24 +62,13 @@ def processor(tmp_path_factory, arch):
 
 
 def apply(processor, images, kwargs=None, videos=None):
-    from vllm.multimodal.processing import ProcessorInputs
-    from vllm.multimodal.processing.context import TimingContext
-
     config = processor.info.get_hf_config()
     prompt = [1, 5]
     for _ in images:
         prompt += [config.vision_start_token_id, config.image_token_id, config.vision_end_token_id]
     for _ in videos or []:
         prompt += [config.vision_start_token_id, config.video_token_id, config.vision_end_token_id]
-    data: dict = {"image": images}
-    if videos:
-        data["video"] = videos
-    inputs = ProcessorInputs(
-        prompt=prompt + [7],
-        mm_data_items=processor.info.parse_mm_data(data),
-        hf_processor_mm_kwargs=kwargs or {},
-    )
-    return processor.apply(inputs, TimingContext(enabled=False))
+    return process(processor, prompt + [7], images, kwargs, videos)
 
 
 def test_plugin_processor_is_registered(processor):
@@ -83,32 +77,9 @@ def test_plugin_processor_is_registered(processor):
     assert isinstance(processor, HivtpQwenProcessorMixin)
 
 
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        None,
-        {"hivtp_retain_ratio": 1.0},
-        {"hivtp_retain_ratio": 0.5},
-        {"hivtp_retain_ratio": 0.25},
-        {"hivtp_num_tokens": 3},
-        {"hivtp_retain_ratio": 0.25, "hivtp_selection": "uniform"},
-    ],
-)
+@pytest.mark.parametrize("kwargs", PAD_OPTIONS)
 def test_pads_per_image(processor, merged, kwargs):
-    images = [noise(i, w, h) for i, (w, h) in enumerate(SIZES)]
-    result = apply(processor, images, kwargs)
-    counts = [merged(w, h) for w, h in SIZES]
-    if kwargs and "hivtp_num_tokens" in kwargs:
-        want = [kwargs["hivtp_num_tokens"]] * len(SIZES)
-    else:
-        want = [num_retained(n, (kwargs or {}).get("hivtp_retain_ratio", 1.0)) for n in counts]
-    assert [p.length for p in result["mm_placeholders"]["image"]] == want
-    pad = processor.info.get_hf_config().image_token_id
-    assert result["prompt_token_ids"].count(pad) == sum(want)
-    items = result["mm_kwargs"]["image"]
-    assert [int(item["hivtp_num_keep"].data[0]) for item in items] == want
-    grids = [tuple(item["hivtp_grids"].data[0].tolist()) for item in items]
-    assert [r * c for r, c in grids] == counts
+    assert_pads_per_image(apply, processor, merged, kwargs)
 
 
 def test_request_pixel_bounds_shape_the_grid(processor, merged, arch):

@@ -23,7 +23,7 @@ from hivtp_vllm.pruning import (
 )
 from hivtp_vllm.tools.local_server import in_process_llm
 from tests.count_contract import FAMILIES as CONTRACT
-from tests.helpers import install_recorders, noise
+from tests.helpers import install_recorders, kept_tokens, noise, run_recorded
 from tests.reference_scores import qwen_model_class, qwen_transformers_scores
 
 MAX_LEN = 4096
@@ -109,30 +109,6 @@ def qwen_llm(tiny_qwen, arch):
         yield engine
 
 
-def _run(llm, images, kwargs, prompt=PROMPT):
-    """(pruned prompt ids, prefill positions, decode positions, emitted embeddings)."""
-    from vllm import SamplingParams
-
-    llm.apply_model(lambda m: m.test_records.update(positions=[], embeds=[]))
-    (out,) = llm.generate(
-        {"prompt": prompt, "multi_modal_data": {"image": images}, "mm_processor_kwargs": kwargs},
-        SamplingParams(max_tokens=2, temperature=0.0),
-        use_tqdm=False,
-    )
-    ((positions, embeds),) = llm.apply_model(
-        lambda m: (m.test_records["positions"], m.test_records["embeds"])
-    )
-    ids = list(out.prompt_token_ids)
-    at = next(i for i, p in enumerate(positions) if p.shape[-1] == len(ids))
-    return ids, positions[at], positions[at + 1], embeds[-1]
-
-
-def kept_tokens(embeds: torch.Tensor, cols: int) -> torch.Tensor:
-    """Flat raster indices of an image's emitted tokens, from their position columns."""
-    fields = mrope.read_channels(embeds)
-    return fields[:, 2] * cols + fields[:, 3]
-
-
 @pytest.mark.parametrize("case", list(PROMPTS))
 def test_scores_kept_embeddings_and_positions(qwen_llm, tiny_qwen, arch, case):
     """One pruned prompt, checked against transformers on every count:
@@ -166,7 +142,9 @@ def test_scores_kept_embeddings_and_positions(qwen_llm, tiny_qwen, arch, case):
     full_ids = hf["input_ids"][0].tolist()
 
     # Unpruned: vLLM's positions are transformers' exactly.
-    ids, prefill, decode, stock = _run(qwen_llm, images, {"hivtp_retain_ratio": 1.0}, prompt)
+    ids, prefill, decode, stock = run_recorded(
+        qwen_llm, images, {"hivtp_retain_ratio": 1.0}, prompt
+    )
     assert ids == full_ids
     assert torch.equal(prefill, want)
     assert torch.equal(decode[:, 0], want.max() + 1 + torch.zeros(3, dtype=torch.long))
@@ -176,7 +154,9 @@ def test_scores_kept_embeddings_and_positions(qwen_llm, tiny_qwen, arch, case):
         arch, tiny_qwen, hf["pixel_values"], hf["image_grid_thw"], band, dtype=dtype(arch)
     )
     ratio = 0.25
-    ids, prefill, decode, pruned = _run(qwen_llm, images, {"hivtp_retain_ratio": ratio}, prompt)
+    ids, prefill, decode, pruned = run_recorded(
+        qwen_llm, images, {"hivtp_retain_ratio": ratio}, prompt
+    )
 
     # vLLM's own scores of that run, merged and in raster order.
     lengths = (hf["image_grid_thw"].prod(-1)).tolist()
@@ -252,7 +232,7 @@ def test_uniform_baseline_keeps_the_lattice(qwen_llm, arch):
         model.hivtp_recorder._sum = None
 
     qwen_llm.apply_model(forget)
-    _, _, _, pruned = _run(qwen_llm, images, kwargs)
+    _, _, _, pruned = run_recorded(qwen_llm, images, kwargs, PROMPT)
     # No attention was recorded: the uniform baseline computes no scores.
     assert qwen_llm.apply_model(lambda m: m.hivtp_recorder._sum) == [None]
     for image, (w, h) in enumerate(SIZES):
