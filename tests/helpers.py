@@ -257,3 +257,48 @@ def assert_pads_per_image(apply, processor, image_tokens, kwargs) -> list:
     grids = [tuple(item["hivtp_grids"].data[0].tolist()) for item in items]
     assert [r * c for r, c in grids] == counts
     return items
+
+
+def assert_pruned_prompt(
+    full_ids, ids, image_token, grids, scores, stock, pruned, ratio, want, prefill, decode
+) -> None:
+    """A pruned M-RoPE prompt against its unpruned run (same images): each
+    image keeps the spec's selection on ``scores`` (vLLM's, per image in
+    raster order), its kept embeddings are the unpruned ones at the kept
+    tokens, every pruned-prompt token sits at its unpruned position in
+    ``want`` (the unpruned prompt's positions), and decoding starts after the
+    unpruned prompt. ``stock``/``pruned``: the emitted embeddings of each run."""
+    import torch
+
+    from hivtp_vllm import mrope
+    from hivtp_vllm.pruning import num_retained, select_tokens
+
+    per_image = scores.split([rows * cols for rows, cols in grids])
+    starts = [i for i, t in enumerate(full_ids) if t == image_token and full_ids[i - 1] != t]
+    unpruned_index = []  # pruned prompt position -> unpruned prompt position
+    cursor, image = 0, -1
+    for j, token in enumerate(ids):
+        if token == image_token:
+            if j == 0 or ids[j - 1] != image_token:
+                image += 1
+                rows, cols = grids[image]
+                kept = kept_tokens(pruned[image], cols)
+                # The kept tokens are the spec's selection on vLLM's scores
+                # (near-ties may order apart in the last float bits against
+                # another implementation's, so the exact check is on vLLM's).
+                k = num_retained(rows * cols, ratio)
+                assert len(kept) == k
+                assert torch.equal(kept, select_tokens(per_image[image].view(rows, cols), k))
+                # Kept embeddings are the unpruned ones at the kept tokens.
+                width = -mrope.CHANNELS
+                assert torch.equal(pruned[image][:, :width], stock[image][:, :width][kept])
+                unpruned_index += (starts[image] + kept).tolist()
+                cursor = starts[image] + rows * cols
+        else:
+            while full_ids[cursor] != token:
+                cursor += 1
+            unpruned_index.append(cursor)
+            cursor += 1
+    assert len(unpruned_index) == len(ids)
+    assert torch.equal(prefill, want[:, unpruned_index])
+    assert torch.equal(decode[:, 0], want.max() + 1 + torch.zeros(3, dtype=torch.long))

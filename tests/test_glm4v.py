@@ -14,7 +14,6 @@ import torch
 from transformers.models.glm4v.image_processing_glm4v import smart_resize
 
 import hivtp_vllm
-from hivtp_vllm import mrope
 from hivtp_vllm.families import FAMILIES, TINY_IMAGE_TOKENS
 from hivtp_vllm.pruning import default_band, num_retained, select_tokens, uniform_tokens
 from hivtp_vllm.tools.local_server import in_process_llm
@@ -22,6 +21,7 @@ from tests.conftest import GLM_ARCHS
 from tests.helpers import (
     PAD_OPTIONS,
     assert_pads_per_image,
+    assert_pruned_prompt,
     assert_videos_keep_their_layout,
     install_recorders,
     kept_tokens,
@@ -193,32 +193,19 @@ def test_scores_kept_embeddings_and_positions(glm_llm, checkpoint, arch, case):
     (vllm_scores,) = glm_llm.apply_model(
         lambda m: m.hivtp_recorder.position_scores(lengths).view(-1, 4).mean(1).cpu()
     )
-    per_image = vllm_scores.split([r * c for r, c in grids])
-
-    image_token = model.config.image_token_id
-    starts = [i for i, t in enumerate(full_ids) if t == image_token and full_ids[i - 1] != t]
-    unpruned_index = []
-    cursor, image = 0, -1
-    for j, token in enumerate(ids):
-        if token == image_token:
-            if ids[j - 1] != image_token:
-                image += 1
-                rows, cols = grids[image]
-                kept = kept_tokens(pruned[image], cols)
-                k = num_retained(rows * cols, ratio)
-                assert torch.equal(kept, select_tokens(per_image[image].view(rows, cols), k))
-                width = -mrope.CHANNELS
-                assert torch.equal(pruned[image][:, :width], stock[image][:, :width][kept])
-                unpruned_index += (starts[image] + kept).tolist()
-                cursor = starts[image] + rows * cols
-        else:
-            while full_ids[cursor] != token:
-                cursor += 1
-            unpruned_index.append(cursor)
-            cursor += 1
-    assert len(unpruned_index) == len(ids)
-    assert torch.equal(prefill, want[:, unpruned_index])
-    assert torch.equal(decode[:, 0], want.max() + 1 + torch.zeros(3, dtype=torch.long))
+    assert_pruned_prompt(
+        full_ids,
+        ids,
+        model.config.image_token_id,
+        grids,
+        vllm_scores,
+        stock,
+        pruned,
+        ratio,
+        want,
+        prefill,
+        decode,
+    )
     reference = torch.cat(reference).float()
     torch.testing.assert_close(vllm_scores, reference, rtol=1e-4, atol=1e-7)
 

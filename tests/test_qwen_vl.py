@@ -12,7 +12,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hivtp_vllm import mrope
 from hivtp_vllm.families import FAMILIES
 from hivtp_vllm.pruning import (
     default_band,
@@ -23,7 +22,7 @@ from hivtp_vllm.pruning import (
 )
 from hivtp_vllm.tools.local_server import in_process_llm
 from tests.count_contract import FAMILIES as CONTRACT
-from tests.helpers import install_recorders, kept_tokens, noise, run_recorded
+from tests.helpers import assert_pruned_prompt, install_recorders, kept_tokens, noise, run_recorded
 from tests.reference_scores import qwen_model_class, qwen_transformers_scores
 
 MAX_LEN = 4096
@@ -170,37 +169,19 @@ def test_scores_kept_embeddings_and_positions(qwen_llm, tiny_qwen, arch, case):
         return merged.cpu()
 
     (vllm_scores,) = qwen_llm.apply_model(scores)
-    per_image = vllm_scores.split([rows * cols for rows, cols in grids])
-
-    image_token = model.config.image_token_id
-    starts = [i for i, t in enumerate(full_ids) if t == image_token and full_ids[i - 1] != t]
-    unpruned_index = []  # pruned prompt position -> unpruned prompt position
-    cursor, image = 0, -1
-    for j, token in enumerate(ids):
-        if token == image_token:
-            if j == 0 or ids[j - 1] != image_token:
-                image += 1
-                rows, cols = grids[image]
-                kept = kept_tokens(pruned[image], cols)
-                # The kept tokens are the spec's selection on the scores, which
-                # equal transformers' (below; near-ties may order apart in the
-                # last float bits on another CPU, so the exact check is on vLLM's).
-                k = num_retained(rows * cols, ratio)
-                assert len(kept) == k
-                assert torch.equal(kept, select_tokens(per_image[image].view(rows, cols), k))
-                # Kept embeddings are the unpruned ones at the kept tokens.
-                width = -mrope.CHANNELS
-                assert torch.equal(pruned[image][:, :width], stock[image][:, :width][kept])
-                unpruned_index += (starts[image] + kept).tolist()
-                cursor = starts[image] + rows * cols
-        else:
-            while full_ids[cursor] != token:
-                cursor += 1
-            unpruned_index.append(cursor)
-            cursor += 1
-    assert len(unpruned_index) == len(ids)
-    assert torch.equal(prefill, want[:, unpruned_index])
-    assert torch.equal(decode[:, 0], want.max() + 1 + torch.zeros(3, dtype=torch.long))
+    assert_pruned_prompt(
+        full_ids,
+        ids,
+        model.config.image_token_id,
+        grids,
+        vllm_scores,
+        stock,
+        pruned,
+        ratio,
+        want,
+        prefill,
+        decode,
+    )
 
     # vLLM's own scores, merged and in raster order, equal transformers'.
     reference = torch.cat(reference).float()
@@ -213,14 +194,15 @@ def test_scores_kept_embeddings_and_positions(qwen_llm, tiny_qwen, arch, case):
     # The selection on transformers' scores keeps mostly the same tokens
     # (near-uniform random attention has near-ties, which rounding reorders:
     # bfloat16 measured 23 of 25, 36 of 37, 35 of 37 shared).
-    for image, ((rows, cols), theirs) in enumerate(
-        zip(grids, reference.split([r * c for r, c in grids]), strict=True)
+    sizes = [r * c for r, c in grids]
+    for (rows, cols), mine, theirs in zip(
+        grids, vllm_scores.split(sizes), reference.split(sizes), strict=True
     ):
         k = num_retained(rows * cols, ratio)
-        ours = set(select_tokens(per_image[image].view(rows, cols), k).tolist())
+        ours = set(select_tokens(mine.view(rows, cols), k).tolist())
         same = len(ours & set(select_tokens(theirs.view(rows, cols), k).tolist()))
-        print(f"{arch} image {image}: selections share {same} of {k}")
-        assert same >= 0.75 * k, (image, same, k)
+        print(f"{arch} image {rows}x{cols}: selections share {same} of {k}")
+        assert same >= 0.75 * k, (rows, cols, same, k)
 
 
 def test_uniform_baseline_keeps_the_lattice(qwen_llm, arch):
