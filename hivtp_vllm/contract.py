@@ -112,13 +112,16 @@ def plan(layout: Layout, request: PruningRequest, *, dummy: bool = False) -> Pla
     return Plan(layout, tuple(keep), request.global_fraction, dummy, uniform)
 
 
-def to_fields(plans: Sequence[Plan]) -> dict[str, torch.Tensor]:
-    """The plans of a request's images as batched tensors (one row per image)."""
+def to_fields(plans: Sequence[Plan]) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+    """The plans of a request's images as batched fields, one row per image:
+    tensors, except where images have different numbers of views (Gemma 3's
+    pan-and-scan crops), whose per-view fields are one tensor per image."""
+    keep = [torch.tensor(p.keep, dtype=torch.long) for p in plans]
+    grids = [torch.tensor(p.layout.grids, dtype=torch.long).view(-1, 2) for p in plans]
+    ragged = len({len(p.keep) for p in plans}) > 1
     return {
-        NUM_KEEP: torch.tensor([p.keep for p in plans], dtype=torch.long),
-        GRIDS: torch.tensor([p.layout.grids for p in plans], dtype=torch.long).view(
-            len(plans), -1, 2
-        ),
+        NUM_KEEP: keep if ragged else torch.stack(keep) if plans else torch.zeros(0, 1).long(),
+        GRIDS: grids if ragged else torch.stack(grids) if plans else torch.zeros(0, 1, 2).long(),
         TILES: torch.tensor([p.layout.tiles for p in plans], dtype=torch.long),
         NEWLINES: torch.tensor([p.layout.newlines for p in plans], dtype=torch.long),
         GLOBAL_FRACTION: torch.tensor([p.global_fraction for p in plans], dtype=torch.float64),

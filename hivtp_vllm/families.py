@@ -25,8 +25,10 @@ from typing import Literal
 #             grid, a newline kept after each row (LLaVA-NeXT; with
 #             ``max_views``, shrunk past that many views: LLaVA-OneVision);
 #   "merged": one grid of 2 x 2 merged patches of the resized image, M-RoPE
-#             positions (Qwen-VL).
-Layout = Literal["single", "anyres", "merged"]
+#             positions (Qwen-VL);
+#   "pooled": fixed-size views (the image, then any pan-and-scan crops), each
+#             patch grid average-pooled into a smaller token grid (Gemma 3).
+Layout = Literal["single", "anyres", "merged", "pooled"]
 
 
 # LLaVA-1.5's prompt format ("USER: <image>\n... ASSISTANT:"), which the
@@ -115,6 +117,75 @@ GLM4V_CHAT_TEMPLATE = (
     "{%- elif msg.role == 'assistant' %}<|assistant|>\n{{ msg.content }}"
     "{%- endif %}{%- endfor %}"
     "{%- if add_generation_prompt %}<|assistant|>\n{%- endif %}"
+)
+
+# Gemma 3's chat template (google/gemma-3-*-it, verbatim): a system message
+# folded into the first user turn, "model" for the assistant, an image as
+# <start_of_image>; it loops over message['content'] (vLLM's "openai" format).
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}\n"
+    "{%- if messages[0]['role'] == 'system' -%}\n"
+    "    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}\n"
+    "    {%- endif -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n"
+    "{%- else -%}\n"
+    '    {%- set first_user_prefix = "" -%}\n'
+    "    {%- set loop_messages = messages -%}\n"
+    "{%- endif -%}\n"
+    "{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    '        {{ raise_exception("Conversation roles must alternate '
+    'user/assistant/user/assistant/...") }}\n'
+    "    {%- endif -%}\n"
+    "    {%- if (message['role'] == 'assistant') -%}\n"
+    '        {%- set role = "model" -%}\n'
+    "    {%- else -%}\n"
+    "        {%- set role = message['role'] -%}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n"
+    "        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n"
+    "        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'image' -%}\n"
+    "                {{ '<start_of_image>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n"
+    "                {{ item['text'] | trim }}\n"
+    "            {%- endif -%}\n"
+    "        {%- endfor -%}\n"
+    "    {%- else -%}\n"
+    '        {{ raise_exception("Invalid content type") }}\n'
+    "    {%- endif -%}\n"
+    "    {{ '<end_of_turn>\\n' }}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "    {{'<start_of_turn>model\\n'}}\n"
+    "{%- endif -%}\n"
+)
+
+# Gemma 3's special tokens at their published ids (google/gemma-3-*-it): the
+# tokenizer puts each at its id, <unusedN> fills the rest of the 262,145.
+# The newline runs are ordinary (not special) tokens, matched longest first
+# as in Gemma's vocab, which vLLM's processor looks up by string.
+GEMMA3_SPECIALS = (
+    (0, "<pad>"),
+    (1, "<eos>"),
+    (2, "<bos>"),
+    (3, "<unk>"),
+    (4, "<mask>"),
+    (5, "[multimodal]"),
+    (105, "<start_of_turn>"),
+    (106, "<end_of_turn>"),
+    (107, "\n"),
+    (108, "\n\n"),
+    (109, "\n\n\n"),
+    (110, "\n\n\n\n"),
+    (255999, "<start_of_image>"),
+    (256000, "<end_of_image>"),
+    (262144, "<image_soft_token>"),
 )
 
 # Qwen's special tokens, in the order of the real vocab (151643 ...): the
@@ -228,6 +299,13 @@ class Checkpoint:
     # position a patch ("full").
     feature_layer: int = -2
     feature_strategy: str = "default"
+
+    # -- "pooled": fixed-size views whose patch grid is average-pooled (Gemma 3) --
+    pooled_tokens: int = 0  # tokens a view (mm_tokens_per_image; published 256 = 16 x 16)
+    # Special tokens at the published ids, as (id, token): <unusedN> fills the
+    # ids between them and the trained BPE (whose size is ``vocab_size``).
+    fixed_tokens: tuple[tuple[int, str], ...] = ()
+    vocab_size: int = 0  # the config's embedding rows (published 262,208)
 
     # -- "merged": a packed native-resolution tower (Qwen-VL) --
     # Published preprocessor_config.json / video_preprocessor_config.json:
@@ -792,6 +870,51 @@ _ROWS = (
             experts="per_expert",
         ),
         load=Load(**_QWEN_LOAD),
+    ),
+    Family(
+        name="gemma3",
+        title="Gemma 3",
+        architecture="Gemma3ForConditionalGeneration",
+        model_type="gemma3",
+        module="gemma3",
+        layout="pooled",
+        checkpoint=Checkpoint(
+            config="Gemma3Config",
+            model="Gemma3ForConditionalGeneration",
+            processor="Gemma3Processor",
+            image_processor="Gemma3ImageProcessor",
+            tower="SiglipVisionModel",
+            vision_config="SiglipVisionConfig",
+            text_config="Gemma3TextConfig",
+            feature_layer=-1,
+            feature_strategy="full",
+            # Published: 896 px, 64 x 64 patches of 14 pooled 4 x 4 into 16 x
+            # 16 tokens. Tiny: 448 px, 32 x 32 patches, the same 4 x 4 pool
+            # into 8 x 8 tokens a view.
+            image_size=448,
+            patch_size=14,
+            pooled_tokens=64,
+            vocab_size=262208,
+            chat_template=GEMMA3_CHAT_TEMPLATE,
+            max_position_embeddings=131072,
+            image_mean=(0.5, 0.5, 0.5),
+            image_std=(0.5, 0.5, 0.5),
+            fixed_tokens=GEMMA3_SPECIALS,
+            token_ids=(
+                ("boi_token_index", "<start_of_image>"),
+                ("eoi_token_index", "<end_of_image>"),
+                ("image_token_index", "<image_soft_token>"),
+            ),
+            end_tokens=("<eos>", "<end_of_turn>"),
+        ),
+        load=Load(
+            image_sizes="896x896",
+            phases="1.0,0.5,0.25,uniform0.25,stock",
+            ceiling_px=None,
+            ceiling_note="No ceiling phase: every Gemma 3 view is resized to the tower's "
+            "fixed size, so no twin checkpoint carries r = 0.25's tokens with less tower "
+            "work. The uniform r = 0.25 phase splits HIVTP's cost from the tower's.",
+        ),
     ),
 )
 

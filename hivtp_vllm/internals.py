@@ -265,6 +265,31 @@ INTERNALS: tuple[Internal, ...] = (
         retire="as for Qwen2.5-VL; the processor override when vLLM's GLM processor calls `_call_hf_processor`; the interface when vLLM's GLM class implements `SupportsMultiModalPruning`",
     ),
     Internal(
+        what="Gemma 3: `Gemma3ForConditionalGeneration`, `Gemma3ProcessingInfo`, `Gemma3MultiModalProcessor`, `Gemma3DummyInputsBuilder` subclassed; `embed_multimodal` overridden over `_parse_and_validate_image_input(**kwargs)` (`pixel_values` of every view, `num_patches` views per image), `_image_pixels_to_features(vision_tower, pixel_values)` and `multi_modal_projector` (the 4 x 4 average pool, then RMSNorm and a matmul per token), the tower `vision_tower.vision_model` a `SiglipVisionTransformer` whose `encoder.layers[i].self_attn.attn(q, k, v)` is an `MMEncoderAttention`; `get_num_crops(image_width=, image_height=, processor=, mm_kwargs=)` for the views; the image update's `<start_of_image>` target and `cached_encode` of the replacement text, whose soft tokens `PromptUpdateDetails.select_token_id` marks; `get_encoder_cudagraph_config` (overridden: no modality captured)",
+        where="`model_executor/models/gemma3_mm.py`, `model_executor/models/siglip.py`, `multimodal/processing/processor.py`",
+        why="the model, its views and counts, the prompt's wrapper around kept tokens",
+        symbols=(
+            "vllm.model_executor.models.gemma3_mm:Gemma3ForConditionalGeneration",
+            "vllm.model_executor.models.gemma3_mm:Gemma3ProcessingInfo",
+            "vllm.model_executor.models.gemma3_mm:Gemma3MultiModalProcessor",
+            "vllm.model_executor.models.gemma3_mm:Gemma3DummyInputsBuilder",
+            "vllm.model_executor.models.gemma3_mm:Gemma3ForConditionalGeneration._parse_and_validate_image_input",
+            "vllm.model_executor.models.gemma3_mm:Gemma3ForConditionalGeneration._image_pixels_to_features",
+            "vllm.model_executor.models.gemma3_mm:Gemma3ForConditionalGeneration.get_encoder_cudagraph_config",
+            "vllm.model_executor.models.gemma3_mm:Gemma3ProcessingInfo.get_num_crops",
+            "vllm.multimodal.processing.processor:cached_encode",
+            "vllm.multimodal.processing.processor:PromptUpdateDetails.select_token_id",
+        ),
+        code=("models.gemma3", "vllm_compat"),
+        runners=("V1", "V2"),
+        checked={
+            "0.32.0": "tests (in-process engine: tests/test_gemma3.py; servers)",
+            "0.33.0": "the same file but one line: `__init__` sets `text_config.is_mm_prefix_lm` (image tokens attend both ways on a GPU; a view's kept tokens stay one run, so one block); not run",
+        },
+        retire="as for LLaVA (a pruning hook in vLLM's multimodal path); the encoder CUDA graph config emptied until graph replay runs a model's embedding hook",
+        patch="vllm_compat.capture_no_encoder_graphs",
+    ),
+    Internal(
         what='M-RoPE step 1: `get_mrope_input_positions` of the stock class called on the prompt grown back to its unpruned length, with each `MultiModalFeatureSpec` copied by `dataclasses.replace` (a `PlaceholderRange` with the grown `offset` and `length`); `feature.data["image_grid_thw"]` present in the worker',
         where="`multimodal/inputs.py`, the two model files",
         why="exact text positions whatever the family's video rules",
@@ -448,7 +473,7 @@ INTERNALS: tuple[Internal, ...] = (
         retire="as for the processor rows",
     ),
     Internal(
-        what='`MultiModalFieldConfig.batched("image", keep_on_cpu=True)`, `MultiModalKwargsItems`, `ImageProcessorItems`, `ImageEmbeddingItems`, `MultiModalDataItems.get_items`, `PromptReplacement`, `PromptUpdate`; batched fields reach `embed_multimodal` as keyword arguments',
+        what='`MultiModalFieldConfig.batched("image", keep_on_cpu=True)`, `MultiModalKwargsItems`, `ImageProcessorItems`, `ImageEmbeddingItems`, `MultiModalDataItems.get_items`, `PromptReplacement` (with the target of the stock update; `PromptUpdateDetails` where a family wraps its kept tokens), `PromptUpdate`; batched fields reach `embed_multimodal` as keyword arguments',
         where="`multimodal/inputs.py`, `parse.py`, `processing/__init__.py`, `multimodal/utils.py` (`group_and_batch_mm_kwargs`)",
         why="each image's kept counts travel with it from the processor to the model",
         symbols=(
@@ -458,9 +483,10 @@ INTERNALS: tuple[Internal, ...] = (
             "vllm.multimodal.parse:ImageEmbeddingItems",
             "vllm.multimodal.parse:MultiModalDataItems.get_items",
             "vllm.multimodal.processing:PromptReplacement",
+            "vllm.multimodal.processing:PromptUpdateDetails",
             "vllm.multimodal.processing:PromptUpdate",
         ),
-        code=("processor", "contract", "models.qwen"),
+        code=("processor", "contract", "models.qwen", "models.gemma3"),
         runners=("V1", "V2"),
         checked={
             "0.32.0": "tests (processor; servers)",

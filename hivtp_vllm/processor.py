@@ -28,7 +28,7 @@ from vllm.multimodal.parse import (
     ImageProcessorItems,
     MultiModalDataItems,
 )
-from vllm.multimodal.processing import PromptReplacement, PromptUpdate
+from vllm.multimodal.processing import PromptReplacement, PromptUpdate, PromptUpdateDetails
 
 from hivtp_vllm import contract, metrics, params
 from hivtp_vllm.contract import Layout, Plan
@@ -71,6 +71,16 @@ class HivtpInfoMixin:
         """``mm_kwargs``: the request's other processor options (Qwen-VL's
         pixel bounds change its grid; LLaVA has none that matter)."""
         raise NotImplementedError
+
+    def get_hf_processor(self, **kwargs: object):
+        """vLLM's HF processor for the request's other options.
+
+        vLLM's processors ask for it with the whole processor kwargs, and
+        builds (from disk) and caches one per distinct set: with the ``hivtp_``
+        keys in them, every new pruning option loaded the processor and its
+        tokenizer again (seconds for a 262k-token vocabulary, on every
+        request with a new ratio) and handed the keys to transformers."""
+        return super().get_hf_processor(**other_kwargs(kwargs))  # type: ignore[misc]
 
     def hivtp_supported(self) -> bool:
         """Whether HIVTP can score and prune this checkpoint's images."""
@@ -117,6 +127,14 @@ class HivtpInfoMixin:
             return contract.plan(layout, request)
         except params.HivtpParamError as exc:
             raise as_client_error(exc) from exc
+
+    def hivtp_replacement(self, plan: Plan) -> list[int] | PromptUpdateDetails:
+        """What an image of ``plan`` takes in the prompt: its ``plan.tokens``
+        image tokens, every one an embedding (LLaVA). A family whose tokens
+        sit inside a wrapper of its own (Gemma's ``<start_of_image>`` ...
+        ``<end_of_image>``) writes the wrapper around the kept tokens and
+        marks only those as embeddings."""
+        return [self.hivtp_image_token_id()] * plan.tokens
 
     def get_num_pruned_tokens(
         self,
@@ -300,26 +318,26 @@ class HivtpProcessorMixin:
         out_mm_kwargs: MultiModalKwargsItems,
         stock: PromptUpdate,
     ) -> PromptUpdate:
-        """vLLM's image update with K placeholders per image instead."""
+        """vLLM's image update (its target) with each image's plan written
+        instead (:meth:`HivtpInfoMixin.hivtp_replacement`)."""
         info = self.info  # type: ignore[attr-defined]
         request = info.hivtp_request(hf_processor_mm_kwargs)
         rest = other_kwargs(hf_processor_mm_kwargs)
-        token_id = info.hivtp_image_token_id()
 
-        def replacement(item_idx: int) -> list[int]:
+        def replacement(item_idx: int) -> list[int] | PromptUpdateDetails:
             # Resolved lazily, per item, as vLLM asks: cached items are not in
             # ``mm_items`` and never get here.
             images = mm_items.get_items("image", (ImageEmbeddingItems, ImageProcessorItems))
             if isinstance(images, ImageEmbeddingItems):
                 # Embeddings given by the client keep their own size.
-                return [token_id] * images.get_feature_size(item_idx)
+                return [info.hivtp_image_token_id()] * images.get_feature_size(item_idx)
             size = images.get_image_size(item_idx)
-            count = info.get_num_pruned_tokens(
+            plan = info.hivtp_plan(
                 image_width=size.width, image_height=size.height, request=request, mm_kwargs=rest
             )
-            return [token_id] * count
+            return info.hivtp_replacement(plan)
 
-        return PromptReplacement(modality="image", target=[token_id], replacement=replacement)
+        return PromptReplacement(modality="image", target=stock.target, replacement=replacement)
 
 
 __all__ = [

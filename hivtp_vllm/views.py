@@ -18,7 +18,15 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["cls_tokens", "supports_pruning", "layers_run", "highres_layout", "stitch", "shrink"]
+__all__ = [
+    "cls_tokens",
+    "supports_pruning",
+    "layers_run",
+    "highres_layout",
+    "stitch",
+    "shrink",
+    "pool_scores",
+]
 
 
 def cls_tokens(hf_config: object) -> int | None:
@@ -32,6 +40,11 @@ def cls_tokens(hf_config: object) -> int | None:
     """
     from transformers import CLIPVisionConfig, SiglipVisionConfig
 
+    from hivtp_vllm.families import of_config
+
+    family = of_config(hf_config)
+    if family is not None and family.layout == "pooled":
+        return 0  # Gemma 3: SigLIP, every patch pooled into the tokens
     vision = getattr(hf_config, "vision_config", None)
     strategy = getattr(hf_config, "vision_feature_select_strategy", None)
     if isinstance(vision, CLIPVisionConfig) and strategy == "default":
@@ -63,7 +76,7 @@ def layers_run(hf_config: object) -> int:
     the last layer.
     """
     total = hf_config.vision_config.num_hidden_layers  # type: ignore[attr-defined]
-    feature = hf_config.vision_feature_layer  # type: ignore[attr-defined]
+    feature = getattr(hf_config, "vision_feature_layer", -1)  # Gemma 3: none, the last
     layers = [feature] if isinstance(feature, int) else list(feature)
     return max(x + total + 1 if x < 0 else x for x in layers)
 
@@ -125,3 +138,22 @@ def shrink(grid: torch.Tensor, side: int, max_views: int = 9) -> torch.Tensor:
         return grid
     size = [int(height // ratio), int(width // ratio)]
     return torch.nn.functional.interpolate(grid[None], size, mode="bilinear")[0]
+
+
+def pool_scores(scores: torch.Tensor, tokens_per_side: int) -> torch.Tensor:
+    """Patch scores ``[views, P*P]`` (raster) -> token scores ``[views, T, T]``.
+
+    Gemma 3's projector average-pools the tower's ``P x P`` patch grid with a
+    ``P/T`` kernel into ``T x T`` tokens (vLLM's ``Gemma3MultiModalProjector``:
+    ``[B, P*P, C] -> [B, C, P, P] -> AvgPool2d -> [B, C, T, T]``, rows first):
+    a token's score is the mean of its block's patch scores (docs/spec.md
+    section 5, "merged or pooled tokens"), on the same grid, in the same
+    raster order as the tokens the language model receives.
+    """
+    views, patches = scores.shape
+    side = int(round(patches**0.5))
+    kernel = side // tokens_per_side
+    grid = scores.reshape(views, 1, side, side)
+    return torch.nn.functional.avg_pool2d(grid, kernel, kernel).reshape(
+        views, tokens_per_side, tokens_per_side
+    )

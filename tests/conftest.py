@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +49,7 @@ def server_factory():
             # vLLM's CPU build binds every server's model worker to the same
             # cores (all but the last, kept for the engine): bind them to
             # either half of the machine by turns instead, so servers side by
-            # side (a family's four; stock and the plugin answering at once)
+            # side (a family's three; stock and the plugin answering at once)
             # compute on all of it.
             env["VLLM_CPU_OMP_THREADS_BIND"] = half_of_the_cores(len(started))
         server = VllmServer(model, list(args), plugin=plugin, env=env)
@@ -101,23 +102,56 @@ def tiny_qwen(tmp_path_factory: pytest.TempPathFactory, qwen_arch: str) -> Path:
     return out
 
 
+# Stock vLLM runs on V1 only (one server a family fewer, about 25 s of CPU to
+# start and every stock request again: CI time). What the family tests take
+# from stock is either decided in the API server before any model runner
+# (prompt tokens, statuses, 400s, block sizes) or greedy tokens, which
+# tests/test_served_families.py's runners-agree test shows equal on V1 and
+# V2 for the plugin at every option, r = 1.0 included.
+STOCK_RUNNER = "V1"
+SERVED_WAYS = [(runner, True) for runner in RUNNERS] + [(STOCK_RUNNER, False)]
+
+
+class StockServer:
+    """Stock vLLM's server with its chat answers remembered: a test that asks
+    the same of stock on each runner (the same images, options and
+    arguments) gets the first answer again instead of another request."""
+
+    def __init__(self, server: VllmServer) -> None:
+        self.server = server
+        self._answers: dict[str, object] = {}
+
+    def chat(self, images: list[str], mm_kwargs: dict | None = None, **kwargs: object):
+        key = json.dumps([images, mm_kwargs, kwargs], sort_keys=True, default=str)
+        if key not in self._answers:
+            self._answers[key] = self.server.chat(images, mm_kwargs, **kwargs)
+        return self._answers[key]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.server, name)
+
+
 @dataclass
 class Served:
-    """One family's random checkpoint, served four ways: the plugin and stock
-    vLLM (plugin not loaded) on each model runner (tests/runners.py)."""
+    """One family's random checkpoint, served three ways: the plugin on each
+    model runner (tests/runners.py), and stock vLLM (plugin not loaded) on
+    :data:`STOCK_RUNNER`."""
 
     family: object  # tests.count_contract.Family (the family table's row, as tests see it)
     checkpoint: Path
     servers: dict[tuple[str, bool], VllmServer]
 
-    def pair(self, runner: str = "V1") -> tuple[VllmServer, VllmServer]:
-        """(plugin, stock) on ``runner``."""
-        return self.servers[(runner, True)], self.servers[(runner, False)]
+    def __post_init__(self) -> None:
+        self.stock = StockServer(self.servers[(STOCK_RUNNER, False)])
+
+    def pair(self, runner: str = "V1") -> tuple[VllmServer, StockServer]:
+        """(plugin on ``runner``, stock)."""
+        return self.servers[(runner, True)], self.stock
 
 
 @pytest.fixture(scope="session")
 def family_servers(request, server_factory, tmp_path_factory) -> Served:
-    """A family's four servers, started side by side. Parametrize indirectly
+    """A family's three servers, started side by side. Parametrize indirectly
     with a family's name (hivtp_vllm/families.py; tests/count_contract.FAMILIES)
     (``@pytest.mark.parametrize("family_servers", ["llava-next"], indirect=True)``):
     pytest then runs every test of every module that asks for one family
@@ -135,10 +169,11 @@ def family_servers(request, server_factory, tmp_path_factory) -> Served:
     args += ("--trust-request-chat-template",)
     if family.videos:
         args += ("--limit-mm-per-prompt", '{"image": 2, "video": 1}')
+    if family.served_kwargs:  # Gemma 3: pan-and-scan on, so images have crop views
+        args += ("--mm-processor-kwargs", json.dumps(family.served_kwargs))
     servers = {
         (runner, plugin): server_factory(ckpt, *args, plugin=plugin, runner=runner, wait=False)
-        for runner in RUNNERS
-        for plugin in (True, False)
+        for runner, plugin in SERVED_WAYS
     }
     for (runner, _), server in servers.items():
         server.wait_ready()
@@ -148,7 +183,7 @@ def family_servers(request, server_factory, tmp_path_factory) -> Served:
         server.stop()
 
 
-# Session-scoped servers hold 3-4 GB each (a family's four about 13 GB), and
+# Session-scoped servers hold 3-4 GB each (a family's three about 10 GB), and
 # pytest keeps a session fixture until the session ends. Left so, a family's
 # servers outlived their tests and shared the machine with the servers of the
 # tests after them (the load runner's three: 23 GB in all, which once stalled

@@ -88,7 +88,9 @@ def _scores(plan: contract.Plan, *shape: int) -> torch.Tensor | None:
     return None if plan.uniform else torch.rand(*shape)
 
 
-def emit_single(family: Family, model, plan, width: int, height: int) -> torch.Tensor:
+def emit_single(
+    family: Family, model, plan, width: int, height: int, mm_kwargs=None
+) -> torch.Tensor:
     """LLaVA-1.5: one grid whatever the image size."""
     side = model.config.vision_config.image_size // model.config.vision_config.patch_size
     embeds = torch.randn(1, side * side, model.config.text_config.hidden_size)
@@ -97,7 +99,9 @@ def emit_single(family: Family, model, plan, width: int, height: int) -> torch.T
     return model.hivtp_emit(embeds, scores, plans)[0]
 
 
-def emit_anyres(family: Family, model, plan, width: int, height: int) -> torch.Tensor:
+def emit_anyres(
+    family: Family, model, plan, width: int, height: int, mm_kwargs=None
+) -> torch.Tensor:
     """LLaVA-NeXT, OneVision: the base tile plus the tiles of the best pinpoint,
     as the HF image processor cuts them (tile count from transformers, not
     from the plan)."""
@@ -116,7 +120,9 @@ def emit_anyres(family: Family, model, plan, width: int, height: int) -> torch.T
     return model.hivtp_emit([embeds], scores, plans, sizes)[0]
 
 
-def emit_merged(family: Family, model, plan, width: int, height: int) -> torch.Tensor:
+def emit_merged(
+    family: Family, model, plan, width: int, height: int, mm_kwargs=None
+) -> torch.Tensor:
     """Qwen-VL: the merged grid of the resized image (transformers' smart_resize)."""
     (sizes, _) = reference_views(family, width, height, None)
     embeds = [torch.randn(sizes[0], 8)]
@@ -125,7 +131,21 @@ def emit_merged(family: Family, model, plan, width: int, height: int) -> torch.T
     return model.hivtp_emit(embeds, scores, plans)[0]
 
 
-EMIT = {"single": emit_single, "anyres": emit_anyres, "merged": emit_merged}
+def emit_pooled(
+    family: Family, model, plan, width: int, height: int, mm_kwargs=None
+) -> torch.Tensor:
+    """Gemma 3: each view's pooled grid (views from transformers' pan-and-scan
+    rule where ``mm_kwargs`` turn it on), random scores on each view's grid."""
+    pan_and_scan = bool((mm_kwargs or {}).get("do_pan_and_scan"))
+    sizes, _ = reference_views(family, width, height, None, pan_and_scan=pan_and_scan)
+    side = family.pooled_side
+    embeds = torch.randn(len(sizes), side * side, model.config.text_config.hidden_size)
+    scores = {0: _scores(plan, len(sizes), side, side)} if plan is not None and plan.prunes else {}
+    plans = [plan] if plan is not None else []
+    return model.hivtp_emit(embeds, [len(sizes)], scores, plans)[0]
+
+
+EMIT = {"single": emit_single, "anyres": emit_anyres, "merged": emit_merged, "pooled": emit_pooled}
 
 # Grids the published checkpoints lack, to stress the anyres layout: a family
 # whose grid shrinks past ``max_views`` also serves grids of at most 2 x 2
@@ -180,6 +200,13 @@ class Family:
         return self.tile // self.row.checkpoint.patch_size
 
     @property
+    def pooled_side(self) -> int:
+        """Gemma 3: tokens along a view's pooled grid."""
+        import math
+
+        return math.isqrt(self.row.checkpoint.pooled_tokens)
+
+    @property
     def unit(self) -> int:
         """Qwen-VL: px along one merged token's side; images are resized to multiples of it."""
         return self.row.checkpoint.patch_size * MERGE
@@ -218,9 +245,26 @@ class Family:
         """The pinpoints of the family's test checkpoint (None: not anyres)."""
         return self.pinpoints.get("own")
 
-    def emit(self, model, plan: contract.Plan | None, width: int, height: int) -> torch.Tensor:
+    @property
+    def served_kwargs(self) -> dict[str, object]:
+        """Processor options the family's test servers run with (tests/conftest.py):
+        Gemma 3's with pan-and-scan on (off as published: the harder case
+        served, the published one proven in-process by the count contract)."""
+        return {"do_pan_and_scan": True} if self.layout == "pooled" else {}
+
+    @property
+    def processor_variants(self) -> dict[str, dict[str, object]]:
+        """The count contract's processor options per config: Gemma 3's as
+        published and with pan-and-scan; none for the other layouts."""
+        if self.layout != "pooled":
+            return {}
+        return {"own": {}, "pan-and-scan": {"do_pan_and_scan": True}}
+
+    def emit(
+        self, model, plan: contract.Plan | None, width: int, height: int, mm_kwargs=None
+    ) -> torch.Tensor:
         """One image's embeddings, as the loaded model emits them for ``plan``: [T, D]."""
-        return EMIT[self.layout](self, model, plan, width, height)
+        return EMIT[self.layout](self, model, plan, width, height, mm_kwargs)
 
 
 FAMILIES: dict[str, Family] = {name: Family(row) for name, row in table.FAMILIES.items()}
@@ -230,10 +274,16 @@ FAMILIES: dict[str, Family] = {name: Family(row) for name, row in table.FAMILIES
 
 
 def reference_views(
-    family: Family, width: int, height: int, pinpoints: list[list[int]] | None
+    family: Family,
+    width: int,
+    height: int,
+    pinpoints: list[list[int]] | None,
+    *,
+    pan_and_scan: bool | None = None,
 ) -> tuple[list[int], int]:
     """(tokens of each view, always-kept newlines) from transformers' helpers
-    and the spec, independent of the plugin's processor."""
+    and the spec, independent of the plugin's processor. ``pan_and_scan``
+    (Gemma 3): None, as the family's test servers run (``served_kwargs``)."""
     import math
 
     side = family.side
@@ -252,6 +302,22 @@ def reference_views(
         return [(h // family.unit) * (w // family.unit)], 0
     if family.layout == "single":
         return [side * side], 0
+    if family.layout == "pooled":  # Gemma 3: the image, then transformers' crops
+        if pan_and_scan is None:
+            pan_and_scan = bool(family.served_kwargs.get("do_pan_and_scan"))
+        crops = []
+        if pan_and_scan:
+            from transformers import Gemma3ImageProcessor
+            from transformers.models.gemma3.processing_gemma3 import Gemma3ProcessorKwargs
+
+            given = Gemma3ProcessorKwargs._defaults["images_kwargs"]  # Gemma3Processor's
+            crops = Gemma3ImageProcessor().pan_and_scan_batched(  # an empty [0, h, w] image
+                torch.empty(0, height, width),
+                given["pan_and_scan_min_crop_size"],
+                given["pan_and_scan_max_num_crops"],
+                given["pan_and_scan_min_ratio_to_activate"],
+            )
+        return [family.pooled_side**2] * (1 + len(crops)), 0
     from transformers.models.llava_next.modeling_llava_next import (
         get_anyres_image_grid_shape,
         unpad_image,

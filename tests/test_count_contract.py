@@ -21,8 +21,10 @@ from tests.count_contract import EXTREME_SIZES, FAMILIES, image_sizes, request_o
 
 pytestmark = pytest.mark.server
 
-# Cases per (family, pinpoints); CI runs all of them in well under a minute.
-CASES = 1500
+# Drawn cases per (family, pinpoints), beside the extreme shapes' explicit
+# examples: 500 reach every kind of outcome (the asserts below), and the
+# largest anyres config takes about 40 s of CI (1,500 took two minutes).
+CASES = 500
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +73,7 @@ def loaded(tmp_path_factory):
 CONFIGS = [
     (name, grid)
     for name, family in FAMILIES.items()
-    for grid in (list(family.pinpoints) or ["own"])
+    for grid in (list(family.pinpoints) or list(family.processor_variants) or ["own"])
 ]
 
 
@@ -84,8 +86,12 @@ def set_pinpoints(info, model, pinpoints) -> None:
 seen_uniform: list[int] = []
 
 
-def check_case(info, family, model, width: int, height: int, options: dict | None) -> str:
-    """One case of the contract; returns what happened, for the statistics."""
+def check_case(
+    info, family, model, width: int, height: int, options: dict | None, mm_kwargs=None
+) -> str:
+    """One case of the contract; returns what happened, for the statistics.
+    ``mm_kwargs``: the processor options of the config (Gemma 3's pan-and-scan)."""
+    mm_kwargs = mm_kwargs or {}
     from vllm.exceptions import VLLMValidationError
 
     request = info.hivtp_request(options or {})
@@ -106,16 +112,25 @@ def check_case(info, family, model, width: int, height: int, options: dict | Non
             with pytest.raises(ValueError, match="aspect ratio"):
                 info.hivtp_layout(image_width=width, image_height=height)
             return "refused by vLLM"
+    elif "processor" in inspect.signature(info.get_num_image_tokens).parameters:  # Gemma 3
+        stock = info.get_num_image_tokens(
+            image_width=width,
+            image_height=height,
+            processor=info.get_hf_processor(),
+            mm_kwargs=mm_kwargs,
+        )
     else:
         stock = info.get_num_image_tokens(image_width=width, image_height=height)
-    layout = info.hivtp_layout(image_width=width, image_height=height)
+    layout = info.hivtp_layout(image_width=width, image_height=height, mm_kwargs=mm_kwargs)
     # The views and newlines add up to vLLM's own count.
     assert layout.tokens == stock, (width, height, layout)
     try:
         placeholders = info.get_num_pruned_tokens(
-            image_width=width, image_height=height, request=request
+            image_width=width, image_height=height, request=request, mm_kwargs=mm_kwargs
         )
-        plan = info.hivtp_plan(image_width=width, image_height=height, request=request)
+        plan = info.hivtp_plan(
+            image_width=width, image_height=height, request=request, mm_kwargs=mm_kwargs
+        )
     except VLLMValidationError as exc:
         # Only a budget outside [non-empty views, grid tokens] is refused,
         # with the key, the value and the range, and no internal name.
@@ -134,7 +149,7 @@ def check_case(info, family, model, width: int, height: int, options: dict | Non
     assert all((k == 0) == (n == 0) for k, n in zip(plan.keep, layout.sizes, strict=True))
     (sent,) = contract.pop_plans(dict(contract.to_fields([plan])))
     assert sent == plan  # the fields carry the plan intact
-    emitted = family.emit(model, sent, width, height)
+    emitted = family.emit(model, sent, width, height, mm_kwargs)
     assert emitted.shape[0] == placeholders, (width, height, options, plan)
     assert plan.uniform == ((options or {}).get("hivtp_selection") == "uniform")
     empty = any(n == 0 for n in layout.sizes)
@@ -150,6 +165,7 @@ def test_placeholders_equal_emitted_embeddings(loaded, name, pinpoints):
     info, model = loaded(name)
     if family.pinpoints:  # set each time: another case may have served other grids
         set_pinpoints(info, model, family.pinpoints[pinpoints])
+    mm_kwargs = family.processor_variants.get(pinpoints, {})
     seen: dict[str, int] = {}
     seen_uniform.clear()
 
@@ -162,7 +178,7 @@ def test_placeholders_equal_emitted_embeddings(loaded, name, pinpoints):
     )
     @given(size=image_sizes(), options=request_options())
     def contract_holds(size, options):
-        outcome = check_case(info, family, model, *size, options)
+        outcome = check_case(info, family, model, *size, options, mm_kwargs)
         seen[outcome] = seen.get(outcome, 0) + 1
 
     for size in EXTREME_SIZES:

@@ -100,7 +100,9 @@ def test_a_phase_whose_requests_all_hang_fails_with_what_locust_recorded(tmp_pat
     --stop-timeout, recorded nothing, and the report died on a division by
     zero. A request past --request-timeout is now a recorded error, and a
     phase that completes no request stops the run and says why."""
-    load = runner.Load(1, 1, 1, 4, 1, "336x336", stop_timeout=30, request_timeout=3)
+    # Three seconds of run, so the one user has surely sent its request on a
+    # busy machine (a one-second run once ended before it had).
+    load = runner.Load(1, 1, 3, 4, 1, "336x336", stop_timeout=30, request_timeout=2)
     assert "--request-timeout" in runner.locust_command(
         "u", runner.Phase.parse("1"), load, Path("r"), 0
     )

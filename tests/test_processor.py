@@ -153,3 +153,34 @@ def test_the_processors_own_keys_are_unknown_to_a_request(make_processor, key):
     with pytest.raises(VLLMValidationError, match=key) as info:
         apply(make_processor(), [image(0)], {key: True})
     assert info.value.parameter == key
+
+
+def test_requests_with_new_options_reuse_the_hf_processor(make_processor, monkeypatch):
+    """vLLM builds an HF processor (from disk: its tokenizer too) per distinct
+    set of processor kwargs it is asked with; requests that differ only in
+    their hivtp keys must share one, or every new ratio pays for a load (six
+    seconds a request for Gemma 3's 262k-token vocabulary)."""
+    from vllm.multimodal.processing import context
+
+    processor = make_processor()
+    built = []
+    original = context.cached_processor_from_config
+
+    def counting(*args, **kwargs):
+        built.append(sorted(kwargs))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(context, "cached_processor_from_config", counting)
+    options = [
+        None,
+        {"hivtp_retain_ratio": 0.5},
+        {"hivtp_retain_ratio": 0.37},
+        {"hivtp_num_tokens": 9},
+    ]
+    lengths = [
+        placeholder_lengths(apply(processor, [image(900 + n)], o)) for n, o in enumerate(options)
+    ]
+    assert lengths == [[GRID], [288], [213], [9]]
+    assert built and all(not any(k.startswith("hivtp_") for k in kw) for kw in built), built
+    first = processor.info.get_hf_processor()
+    assert processor.info.get_hf_processor(hivtp_retain_ratio=0.2, hivtp_resolved=object()) is first

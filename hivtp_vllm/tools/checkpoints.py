@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import itertools
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -52,11 +53,13 @@ from hivtp_vllm.families import FAMILIES, LLAVA_CHAT_TEMPLATE, Family, by_name, 
 __all__ = [
     "SIZES",
     "MERGED_SIZES",
+    "POOLED_SIZES",
     "build_config",
     "build_processor",
     "build_tokenizer",
     "build_qwen_tokenizer",
     "build_merged_tokenizer",
+    "build_fixed_tokenizer",
     "tokenizer_for",
     "make_checkpoint",
     "published_experts",
@@ -157,6 +160,27 @@ MERGED_SIZES: dict[str, dict[str, int]] = {
         "num_hidden_layers": 10,
     },
 }
+# Shapes of the "pooled" layout (Gemma 3): a SigLIP tower deep enough for a
+# band, and a Gemma 3 LM of one sliding-window and one global layer.
+POOLED_SIZES: dict[str, dict[str, dict[str, int]]] = {
+    "tiny": {
+        "vision": {
+            "hidden_size": 64,
+            "intermediate_size": 256,
+            "num_attention_heads": 4,
+            "num_hidden_layers": 8,
+        },
+        "text": {
+            "hidden_size": 64,
+            "intermediate_size": 256,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 32,
+            "num_hidden_layers": 2,
+        },
+    },
+}
+
 # Image size at which flops_per_image reports "merged" checkpoints: a
 # multiple of both 28 and 32, so neither Qwen-VL processor resizes it (32 x 32
 # patches for Qwen2.5-VL, 28 x 28 for Qwen3-VL).
@@ -179,6 +203,11 @@ HUB_PREFIXES: tuple[tuple[str, str], ...] = (
 # -- shared ------------------------------------------------------------------
 
 
+def _pooled(family: Family) -> bool:
+    """Whether the family's views are fixed-size and pooled (Gemma 3)."""
+    return family.layout == "pooled"
+
+
 def _merged(family: Family) -> bool:
     """Whether the family's tower packs native-resolution images into merged
     tokens (the Qwen-VL recipe) rather than encoding fixed-size tiles."""
@@ -189,6 +218,8 @@ def _sizes(family: Family) -> list[str]:
     """The make-model sizes the family's recipe has shapes for."""
     if _merged(family):
         return [s for s in MERGED_SIZES if s in family.checkpoint.vision_sizes]
+    if _pooled(family):
+        return list(POOLED_SIZES)
     return list(SIZES)
 
 
@@ -242,6 +273,8 @@ def tokenizer_for(family: Family) -> PreTrainedTokenizerFast:
     ``<image>`` (and ``<video>``) for tiled towers, Qwen's for merged ones."""
     if _merged(family):
         return build_merged_tokenizer(family)
+    if _pooled(family):
+        return build_fixed_tokenizer(family)
     ck = family.checkpoint
     return build_tokenizer(
         video=family.videos, max_length=ck.max_position_embeddings, chat_template=ck.chat_template
@@ -256,6 +289,8 @@ def build_config(
     family = _family(arch, size)
     if _merged(family):
         return _merged_config(family, size, tokenizer)
+    if _pooled(family):
+        return _pooled_config(family, size, tokenizer)
     return _tiled_config(family, size, image_size or family.checkpoint.image_size, tokenizer)
 
 
@@ -267,6 +302,8 @@ def build_processor(
     family = _family(arch, size)
     if _merged(family):
         return _merged_processor(family, size, tokenizer)
+    if _pooled(family):
+        return _pooled_processor(family, tokenizer)
     return _tiled_processor(family, image_size or family.checkpoint.image_size, tokenizer)
 
 
@@ -293,8 +330,8 @@ def make_checkpoint(
     family = _family(arch, size)
     ck = family.checkpoint
     merged = _merged(family)
-    if merged and image_size is not None:
-        raise ValueError(f"{arch} takes no image_size (images keep their own size)")
+    if (merged or _pooled(family)) and image_size is not None:
+        raise ValueError(f"{arch} takes no image_size (its views are the family's own)")
     image_size = image_size or ck.image_size
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -306,6 +343,8 @@ def make_checkpoint(
     if merged:  # transformers 5.x names, which vLLM's hf_to_vllm_mapper reads as is
         state = {k: t.detach().contiguous() for k, t in model.state_dict().items()}
         state = published_experts(state, ck.experts)
+    elif _pooled(family):
+        state = _pooled_state_dict(model)
     else:
         state = hub_state_dict(model)
     # Same metadata as save_pretrained; transformers refuses files without it.
@@ -321,6 +360,8 @@ def make_checkpoint(
     processor.image_processor.save_pretrained(out)  # preprocessor_config.json
     if merged:  # as the Qwen-VL repos ship it: video_preprocessor_config.json
         processor.video_processor.save_pretrained(out)
+    if _pooled(family):
+        _named_tokens_config(out / "tokenizer_config.json", tokenizer)
     return out
 
 
@@ -612,8 +653,9 @@ def _tiled_vision_flops(config: PreTrainedConfig) -> dict[str, int]:
     attention, plus the patch embedding; and the projector."""
     v, t = config.vision_config, config.text_config
     grid = v.image_size // v.patch_size
-    n_vis, n_lm = grid * grid + int(isinstance(v, CLIPVisionConfig)), grid * grid
-    layer = config.vision_feature_layer
+    n_vis = grid * grid + int(isinstance(v, CLIPVisionConfig))
+    n_lm = getattr(config, "mm_tokens_per_image", None) or grid * grid  # pooled: fewer
+    layer = getattr(config, "vision_feature_layer", -1)  # Gemma 3: the last
     layers = [layer] if isinstance(layer, int) else list(layer)
     v_layers = max(x if x >= 0 else v.num_hidden_layers + x + 1 for x in layers)
     d, i = v.hidden_size, v.intermediate_size
@@ -862,6 +904,179 @@ def _merged_summary(out: Path, cfg: PreTrainedConfig) -> str:
         f"{(f['vision_flops'] + f['projector_flops']) / 1e9:.2f} "
         f"LM {f['lm_flops'] / 1e9:.2f} ratio {f['lm_to_vision']:.1f}x"
     )
+
+
+# -- "pooled": fixed-size SigLIP views, the patch grid average-pooled (Gemma 3) --
+#
+# google/gemma-3-*-it's layout: language_model.model.*, vision_tower.vision_model.*,
+# multi_modal_projector.* (vLLM's hf_to_vllm_mapper reads these; transformers 5
+# saves the tower without its "vision_model." level), the LM head tied to the
+# embeddings (no lm_head in the files), the special tokens at their published ids.
+
+POOLED_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("model.language_model.", "language_model.model."),
+    ("model.vision_tower.", "vision_tower.vision_model."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+)
+
+
+def build_fixed_tokenizer(family: Family) -> PreTrainedTokenizerFast:
+    """The module's byte-level BPE re-indexed so each of the row's
+    ``Checkpoint.fixed_tokens`` sits at its published id, the trained tokens
+    right after the last id below them, and ``<unusedN>`` everywhere else up
+    to the last fixed id (Gemma 3: 262,145 tokens). Whitespace tokens (the
+    newline runs) are ordinary added tokens, the rest special; a plain encode
+    adds ``<bos>``, as Gemma's does (the chat template writes it itself)."""
+    import json
+
+    from tokenizers import AddedToken
+
+    ck = family.checkpoint
+    fixed = dict(ck.fixed_tokens)
+    bpe = _train_bpe(BPE_VOCAB, [], unk=None)
+    spec = json.loads(bpe.to_str())
+    trained = sorted(spec["model"]["vocab"], key=spec["model"]["vocab"].get)
+    # The trained tokens go after the last fixed id below the first gap that holds them.
+    ids = sorted(fixed)
+    first = 1 + next(i for i, j in itertools.pairwise(ids) if j - i > len(trained))
+    names = {**fixed, **{first + n: token for n, token in enumerate(trained)}}
+    if len(names) != len(fixed) + len(trained):
+        raise ValueError("trained tokens overlap the fixed ids")
+    count = max(fixed) + 1
+    unused = (f"<unused{n}>" for n in range(count))
+    vocab = {names[i] if i in names else next(unused): i for i in range(count)}
+    spec["model"]["vocab"] = vocab
+    tok = Tokenizer.from_str(json.dumps(spec))
+    tok.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in fixed.values() if not t.isspace()]
+    )
+    tok.add_tokens(
+        [AddedToken(t, special=False, normalized=False) for t in fixed.values() if t.isspace()]
+    )
+    bos = fixed[2]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]
+    )
+    named = {key.removesuffix("_index"): token for key, token in ck.token_ids}
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=bos,
+        eos_token=ck.end_tokens[0],
+        unk_token=fixed[3],
+        pad_token=fixed[0],
+        mask_token=fixed[4],
+        extra_special_tokens=named,  # the processor reads tokenizer.boi_token and the rest
+        model_max_length=ck.max_position_embeddings,
+        padding_side="left",
+    )
+    fast.chat_template = ck.chat_template
+    for i, token in fixed.items():
+        if fast.convert_tokens_to_ids(token) != i:
+            raise ValueError(f"{token!r} is not at its published id {i}")
+    return fast
+
+
+def _named_tokens_config(path: Path, tokenizer: PreTrainedTokenizerFast) -> None:
+    """As the published tokenizer_config.json: the named image tokens both as
+    top-level keys and as the ``extra_special_tokens`` dict (transformers 5
+    writes a list, which loses their names)."""
+    import json
+
+    config = json.loads(path.read_text())
+    named = {name: getattr(tokenizer, name) for name in ("boi_token", "eoi_token", "image_token")}
+    config.update(named)
+    config["extra_special_tokens"] = named
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def _pooled_config(
+    family: Family, size: str, tokenizer: PreTrainedTokenizerFast
+) -> PreTrainedConfig:
+    """Gemma 3's config: a SigLIP tower at the row's view size, pooled to
+    ``pooled_tokens`` a view, and a Gemma 3 LM (one sliding-window layer,
+    one global, the published rope per layer type)."""
+    ck = family.checkpoint
+    shape = POOLED_SIZES[size]
+    patches, tokens = ck.image_size // ck.patch_size, math.isqrt(ck.pooled_tokens)
+    if tokens**2 != ck.pooled_tokens or patches % tokens:
+        raise ValueError(f"{ck.pooled_tokens} tokens do not pool {patches} x {patches} patches")
+    text = ck.resolve(ck.text_config)(
+        **shape["text"],
+        vocab_size=ck.vocab_size,
+        query_pre_attn_scalar=shape["text"]["head_dim"],
+        hidden_activation="gelu_pytorch_tanh",
+        max_position_embeddings=ck.max_position_embeddings,
+        rms_norm_eps=1e-6,
+        sliding_window=128,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+        },
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    vision = ck.resolve(ck.vision_config)(
+        **shape["vision"],
+        image_size=ck.image_size,
+        patch_size=ck.patch_size,
+        layer_norm_eps=1e-6,
+        hidden_act="gelu_pytorch_tanh",
+        vision_use_head=False,
+    )
+    config = ck.resolve(ck.config)(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=ck.pooled_tokens,
+        initializer_range=0.02,
+        tie_word_embeddings=True,
+        **_token_ids(family, tokenizer),
+    )
+    config.eos_token_id = [tokenizer.convert_tokens_to_ids(t) for t in ck.end_tokens]
+    return config
+
+
+def _pooled_processor(family: Family, tokenizer: PreTrainedTokenizerFast) -> ProcessorMixin:
+    """Gemma 3's processor: every view resized to the tower's size, as
+    published (pan-and-scan off unless a request or the server turns it on)."""
+    ck = family.checkpoint
+    image_processor = ck.resolve(ck.image_processor)(
+        size={"height": ck.image_size, "width": ck.image_size},
+        resample=2,
+        image_mean=list(ck.image_mean),
+        image_std=list(ck.image_std),
+        do_pan_and_scan=False,
+        pan_and_scan_min_crop_size=256,
+        pan_and_scan_max_num_crops=4,
+        pan_and_scan_min_ratio_to_activate=1.2,
+    )
+    return ck.resolve(ck.processor)(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=ck.chat_template,
+        image_seq_length=ck.pooled_tokens,
+    )
+
+
+def _pooled_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Gemma 3's hub names; the tied LM head left out, as published. The
+    projector, which transformers initialises to zeros (every image would
+    embed to zero), gets the LM's normal init first."""
+    with torch.no_grad():
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.02)
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue
+        new = next(
+            (hub + name[len(mem) :] for mem, hub in POOLED_PREFIXES if name.startswith(mem)), None
+        )
+        if new is None:
+            raise KeyError(f"no hub prefix for parameter {name!r}")
+        out[new] = tensor.detach().contiguous()
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

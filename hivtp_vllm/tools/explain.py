@@ -44,7 +44,7 @@ from hivtp_vllm.tools.tower import (
     open_checkpoint,
     progress,
 )
-from hivtp_vllm.views import stitch
+from hivtp_vllm.views import pool_scores, stitch
 
 __all__ = [
     "ExplainError",
@@ -56,7 +56,13 @@ __all__ = [
 ]
 
 DEFAULT_RATIOS = (0.5, 0.25, 0.1)
-VIEW_NAMES = {"base": "base view", "highres": "high-res grid", "merged": "merged grid"}
+VIEW_NAMES = {
+    "base": "base view",
+    "highres": "high-res grid",
+    "merged": "merged grid",
+    "pooled": "pooled grid",
+    "crop": "crop's pooled grid",
+}
 SELECTION_NAMES = {params.HIVTP: "HIVTP", params.UNIFORM: "uniform"}
 
 
@@ -258,6 +264,8 @@ def explain_image(
         vision = checkpoint.config.vision_config
         unit = vision.patch_size * vision.spatial_merge_size  # px per merged token
         return _explain_merged(scorer, batch, image, shapes[0], unit, asks, regions)
+    if checkpoint.family.layout == "pooled":
+        return _explain_pooled(checkpoint, scorer, processor, batch, shapes, asks, regions)
     tiles = batch["pixel_values"]
     if tile_grid is not None:
         tiles = tiles[0][: 1 + tile_grid[0] * tile_grid[1]]
@@ -286,6 +294,34 @@ def explain_image(
         selections.append(Selection(ask, num_keep, kept))
     names = ["base", "highres"][: len(grids)]
     return ImageResult(names, grids, pixels, tile_grid, unpadded, selections)
+
+
+def _explain_pooled(
+    checkpoint: Checkpoint,
+    scorer: BandScorer,
+    processor,
+    batch: Mapping[str, torch.Tensor],
+    shapes: list[tuple[int, int]],
+    asks: Sequence[params.PruningRequest],
+    regions: tuple[int, int],
+) -> ImageResult:
+    """The pooled layout (Gemma 3): each view's patch scores averaged over
+    the projector's pooling blocks (:func:`hivtp_vllm.views.pool_scores`, as
+    the server), selected on the pooled grid; the picture is the view the
+    tower sees, each cell over its block of pixels."""
+    views = batch["pixel_values"]
+    if len(views) != len(shapes):
+        raise RuntimeError(f"{len(views)} views from the processor, {len(shapes)} expected")
+    grids = list(pool_scores(scorer(views), shapes[0][0]))
+    pixels = [_to_uint8(view.float(), processor) for view in views]
+    sizes = [g.numel() for g in grids]
+    selections = []
+    for ask in asks:
+        num_keep = ask.view_budgets(sizes)
+        kept = [pick(g, k, ask, regions) for g, k in zip(grids, num_keep, strict=True)]
+        selections.append(Selection(ask, num_keep, kept))
+    names = ["pooled"] + ["crop"] * (len(grids) - 1)
+    return ImageResult(names, grids, pixels, None, None, selections)
 
 
 def _explain_merged(

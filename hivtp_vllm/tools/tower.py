@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import math
 import re
 import sys
 import time
@@ -222,6 +223,10 @@ class Checkpoint:
         layout = self.family.layout
         if layout == "merged":
             return None, [self.merged_grid(image)]
+        if layout == "pooled":  # the image, then any pan-and-scan crops, as the processor cuts
+            views = len(self.image_processor()(images=[image.convert("RGB")])["pixel_values"])
+            side = math.isqrt(self.config.mm_tokens_per_image)
+            return None, [(side, side)] * views
         base = (self.side, self.side)
         if layout == "single":
             return None, [base]
@@ -510,6 +515,7 @@ SCORERS: dict[str, type[BandScorer | MergedBandScorer]] = {
     "single": BandScorer,
     "anyres": BandScorer,
     "merged": MergedBandScorer,
+    "pooled": BandScorer,
 }
 
 
