@@ -633,13 +633,18 @@ def _tiled_processor(
     return processor_cls(image_processor=image_processor, tokenizer=tokenizer, **taken)
 
 
-def hub_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """State dict renamed to the hub layout vLLM's llava loaders expect."""
+def hub_state_dict(
+    model: torch.nn.Module,
+    prefixes: tuple[tuple[str, str], ...] = HUB_PREFIXES,
+    skip: tuple[str, ...] = (),
+) -> dict[str, torch.Tensor]:
+    """State dict renamed to the hub layout vLLM's loaders expect (the llava
+    ones by default), the ``skip`` keys left out."""
     out = {}
     for name, tensor in model.state_dict().items():
-        new = next(
-            (hub + name[len(mem) :] for mem, hub in HUB_PREFIXES if name.startswith(mem)), None
-        )
+        if name in skip:
+            continue
+        new = next((hub + name[len(mem) :] for mem, hub in prefixes if name.startswith(mem)), None)
         if new is None:
             raise KeyError(f"no hub prefix for parameter {name!r}")
         out[new] = tensor.detach().contiguous()
@@ -1066,17 +1071,7 @@ def _pooled_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     embed to zero), gets the LM's normal init first."""
     with torch.no_grad():
         model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.02)
-    out = {}
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight":
-            continue
-        new = next(
-            (hub + name[len(mem) :] for mem, hub in POOLED_PREFIXES if name.startswith(mem)), None
-        )
-        if new is None:
-            raise KeyError(f"no hub prefix for parameter {name!r}")
-        out[new] = tensor.detach().contiguous()
-    return out
+    return hub_state_dict(model, POOLED_PREFIXES, skip=("lm_head.weight",))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -286,14 +286,23 @@ def explain_image(
         pixels.append(_to_uint8(_unpatch(picture, patch), processor))
     if [tuple(g.shape) for g in grids] != shapes:
         raise RuntimeError(f"views {[tuple(g.shape) for g in grids]} are not {shapes}")
+    selections = select_views(grids, asks, regions)
+    names = ["base", "highres"][: len(grids)]
+    return ImageResult(names, grids, pixels, tile_grid, unpadded, selections)
+
+
+def select_views(
+    grids: Sequence[torch.Tensor], asks: Sequence[params.PruningRequest], regions: tuple[int, int]
+) -> list[Selection]:
+    """Each request's budget split over the views (as the server splits it)
+    and its selection on each view's score grid."""
     sizes = [g.numel() for g in grids]
     selections = []
     for ask in asks:
         num_keep = ask.view_budgets(sizes)
         kept = [pick(g, k, ask, regions) for g, k in zip(grids, num_keep, strict=True)]
         selections.append(Selection(ask, num_keep, kept))
-    names = ["base", "highres"][: len(grids)]
-    return ImageResult(names, grids, pixels, tile_grid, unpadded, selections)
+    return selections
 
 
 def _explain_pooled(
@@ -314,12 +323,7 @@ def _explain_pooled(
         raise RuntimeError(f"{len(views)} views from the processor, {len(shapes)} expected")
     grids = list(pool_scores(scorer(views), shapes[0][0]))
     pixels = [_to_uint8(view.float(), processor) for view in views]
-    sizes = [g.numel() for g in grids]
-    selections = []
-    for ask in asks:
-        num_keep = ask.view_budgets(sizes)
-        kept = [pick(g, k, ask, regions) for g, k in zip(grids, num_keep, strict=True)]
-        selections.append(Selection(ask, num_keep, kept))
+    selections = select_views(grids, asks, regions)
     names = ["pooled"] + ["crop"] * (len(grids) - 1)
     return ImageResult(names, grids, pixels, None, None, selections)
 
