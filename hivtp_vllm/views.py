@@ -26,6 +26,7 @@ __all__ = [
     "stitch",
     "shrink",
     "pool_scores",
+    "pooled_side",
 ]
 
 
@@ -138,6 +139,13 @@ def shrink(grid: torch.Tensor, side: int, max_views: int = 9) -> torch.Tensor:
         return grid
     size = [int(height // ratio), int(width // ratio)]
     return torch.nn.functional.interpolate(grid[None], size, mode="bilinear")[0]
+
+
+def pooled_side(hf_config: object) -> int:
+    """Gemma 3: tokens along a view's pooled grid (16 published, 256 a view)."""
+    import math
+
+    return math.isqrt(hf_config.mm_tokens_per_image)  # type: ignore[attr-defined]
 
 
 def pool_scores(scores: torch.Tensor, tokens_per_side: int) -> torch.Tensor:

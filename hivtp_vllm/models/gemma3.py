@@ -36,12 +36,7 @@ from hivtp_vllm import contract, vllm_compat
 from hivtp_vllm.contract import Layout, Plan
 from hivtp_vllm.models.common import HivtpModelMixin, pruned_images
 from hivtp_vllm.processor import NO_KWARGS, HivtpInfoMixin, HivtpProcessorMixin
-from hivtp_vllm.views import pool_scores
-
-
-def tokens_per_side(hf_config) -> int:
-    """Side of a view's pooled token grid (16 published, 256 tokens)."""
-    return int(round(hf_config.mm_tokens_per_image**0.5))
+from hivtp_vllm.views import pool_scores, pooled_side
 
 
 class HivtpGemma3ProcessingInfo(HivtpInfoMixin, Gemma3ProcessingInfo):
@@ -59,7 +54,7 @@ class HivtpGemma3ProcessingInfo(HivtpInfoMixin, Gemma3ProcessingInfo):
             processor=self.get_hf_processor(),
             mm_kwargs=mm_kwargs,
         )
-        side = tokens_per_side(self.get_hf_config())
+        side = pooled_side(self.get_hf_config())
         return Layout(grids=((side, side),) * (crops + 1))
 
     def hivtp_replacement(self, plan: Plan) -> PromptUpdateDetails:
@@ -121,7 +116,7 @@ class HivtpGemma3ForConditionalGeneration(HivtpModelMixin, Gemma3ForConditionalG
         embeds = self.multi_modal_projector(features)  # [views, T * T, D], pooled
         scores: dict[int, torch.Tensor | None] = dict.fromkeys(pruned)
         if rows:
-            side = tokens_per_side(self.config)
+            side = pooled_side(self.config)
             pooled = pool_scores(self.hivtp_recorder.patch_scores(), side).split(
                 [views[i] for i in scored]
             )

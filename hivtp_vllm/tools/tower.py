@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import importlib
 import json
-import math
 import re
 import sys
 import time
@@ -37,7 +36,7 @@ from hivtp_vllm.families import BY_ARCHITECTURE, Family
 from hivtp_vllm.pruning import windowed_band
 from hivtp_vllm.scoring import mean_patch_scores, received_attention, resolve_band
 from hivtp_vllm.views import cls_tokens as leading_tokens
-from hivtp_vllm.views import highres_layout, layers_run, shrink, supports_pruning
+from hivtp_vllm.views import highres_layout, layers_run, pooled_side, shrink, supports_pruning
 
 __all__ = [
     "ExplainError",
@@ -225,7 +224,7 @@ class Checkpoint:
             return None, [self.merged_grid(image)]
         if layout == "pooled":  # the image, then any pan-and-scan crops, as the processor cuts
             views = len(self.image_processor()(images=[image.convert("RGB")])["pixel_values"])
-            side = math.isqrt(self.config.mm_tokens_per_image)
+            side = pooled_side(self.config)
             return None, [(side, side)] * views
         base = (self.side, self.side)
         if layout == "single":
