@@ -32,7 +32,7 @@ SERVED = pytest.mark.parametrize("family_servers", ["llava"], indirect=True)
 
 @pytest.fixture
 def stock_server(family_servers):
-    return family_servers.servers[("V1", False)]
+    return family_servers.stock.server  # every request sent (not remembered)
 
 
 def test_pruning_changes_what_the_model_sees(plugin_server):
